@@ -1,0 +1,24 @@
+"""uma_eqx: Meta's UMA interatomic potentials in Equinox."""
+
+from ._backbone import UMABackbone as UMABackbone
+from ._block import UMABlock as UMABlock
+from ._config import UMAConfig as UMAConfig
+from ._graph import AtomicGraph as AtomicGraph
+from ._heads import (
+    LinearEnergyHead as LinearEnergyHead,
+    LinearForceHead as LinearForceHead,
+    MLPEnergyHead as MLPEnergyHead,
+)
+from ._potential import (
+    UMA as UMA,
+    direct_forces as direct_forces,
+    energy_forces_stress as energy_forces_stress,
+    hessian as hessian,
+    merge_experts as merge_experts,
+)
+from .nn import (
+    EquivariantRMSNorm as EquivariantRMSNorm,
+    MoLELinear as MoLELinear,
+    SO2Convolution as SO2Convolution,
+    SO3Linear as SO3Linear,
+)

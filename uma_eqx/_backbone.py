@@ -1,0 +1,240 @@
+"""`UMABackbone`: embeddings, expert routing, edge frames, blocks, final norm."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from ._block import EdgeFrame, UMABlock, make_norm
+from ._config import UMAConfig
+from ._constants import EDGE_DEGREE_RESCALE, MOLE_SOFTMAX_OFFSET
+from ._graph import AtomicGraph
+from .nn import (
+    AbstractChargeSpinEmbedding,
+    AbstractEquivariantNorm,
+    DatasetEmbedding,
+    FourierChargeSpinEmbedding,
+    GaussianBasis,
+    Linear,
+    LinearChargeSpinEmbedding,
+    MoLERouting,
+    RadialMLP,
+    TableChargeSpinEmbedding,
+    polynomial_envelope,
+)
+from .so3 import coefficient_layout, edge_rotation_matrix, safe_norm, wigner_d_from_matrix
+
+
+def _charge_spin_embedding(config: UMAConfig, target: str, dtype, key) -> AbstractChargeSpinEmbedding:
+    match config.chg_spin_emb_type:
+        case "rand_emb":
+            return TableChargeSpinEmbedding(target, config.sphere_channels, dtype, key=key)
+        case "pos_emb":
+            return FourierChargeSpinEmbedding(target, config.sphere_channels, dtype, key=key)
+        case "lin_emb":
+            return LinearChargeSpinEmbedding(target, config.sphere_channels, dtype, key=key)
+        case other:
+            raise ValueError(f"unknown chg_spin_emb_type {other!r}: use rand_emb, pos_emb or lin_emb")
+
+
+class ExpertRouter(eqx.Module):
+    """Computes MoLE expert coefficients from composition and the system embedding.
+
+    Port of `escn_moe.py:eSCNMDMoeBackbone.set_MOLE_coefficients` (eval mode):
+    `c = norm(MLP([mean_atoms comp_emb(Z), csd]))` with the MLP
+    `Linear, SiLU, Linear, SiLU, Linear, SiLU` and `norm = softmax + 0.005` (or `pnorm`).
+    """
+
+    composition_embedding: Float[Array, "elements channels"] | None
+    routing_mlp: tuple[Linear, Linear, Linear]
+    composition_mean_includes_self: bool = eqx.field(static=True)
+    coefficient_norm: str = eqx.field(static=True)
+
+    def __init__(self, config: UMAConfig, dtype=None, *, key):
+        k0, k1, k2, k3 = jax.random.split(key, 4)
+        c, e = config.sphere_channels, config.num_experts
+        dtype = jnp.float32 if dtype is None else dtype
+        self.composition_embedding = (
+            jax.random.normal(k0, (config.max_num_elements, c), dtype) if config.use_composition_embedding else None
+        )
+        width = (2 if config.use_composition_embedding else 1) * c
+        self.routing_mlp = (
+            Linear(width, 2 * e, dtype=dtype, key=k1),
+            Linear(2 * e, 2 * e, dtype=dtype, key=k2),
+            Linear(2 * e, e, dtype=dtype, key=k3),
+        )
+        self.composition_mean_includes_self = config.composition_mean_includes_self
+        self.coefficient_norm = config.expert_coefficient_norm
+
+    def __call__(
+        self, graph: AtomicGraph, system_embedding: Float[Array, "systems channels"]
+    ) -> Float[Array, "systems experts"]:
+        features = [system_embedding]
+        if self.composition_embedding is not None:
+            num_systems = system_embedding.shape[0]
+            per_atom = self.composition_embedding[graph.atomic_numbers] * graph.atom_mask[:, None]
+            total = jax.ops.segment_sum(per_atom, graph.system_index, num_segments=num_systems)
+            count = jax.ops.segment_sum(graph.atom_mask.astype(total.dtype), graph.system_index, num_segments=num_systems)
+            if self.composition_mean_includes_self:
+                count = count + 1
+            features.insert(0, total / jnp.where(count > 0, count, 1)[:, None])
+        h = jnp.concatenate(features, axis=-1)
+        for lin in self.routing_mlp:
+            h = jax.nn.silu(lin(h))
+        match self.coefficient_norm:
+            case "softmax":
+                return jax.nn.softmax(h, axis=-1) + MOLE_SOFTMAX_OFFSET
+            case "pnorm":
+                a = jnp.abs(h) + 2.0 / h.shape[0]
+                return a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), 1e-12)
+            case other:
+                raise ValueError(f"unknown expert coefficient norm {other!r}")
+
+
+class UMABackbone(eqx.Module):
+    """The UMA (eSCN-MD) backbone: graph -> node features `(atoms, coeffs, channels)`.
+
+    Port of `fairchem.core.models.uma.escn_md.eSCNMDBackbone.forward` and its MoLE variant
+    `escn_moe.py:eSCNMDMoeBackbone`. Expert coefficients are an explicit array (see
+    [`UMABackbone.expert_coefficients`][]); a merged model (see `uma_eqx.merge_experts`) has
+    `router = None` and plain linears.
+    """
+
+    sphere_embedding: Float[Array, "elements channels"]
+    charge_embedding: AbstractChargeSpinEmbedding
+    spin_embedding: AbstractChargeSpinEmbedding
+    dataset_embedding: DatasetEmbedding | None
+    mix_csd: Linear
+    router: ExpertRouter | None
+    source_embedding: Float[Array, "elements edge_channels"]
+    target_embedding: Float[Array, "elements edge_channels"]
+    edge_degree_rad: RadialMLP
+    blocks: tuple[UMABlock, ...]
+    norm: AbstractEquivariantNorm
+    config: UMAConfig = eqx.field(static=True)
+
+    def __init__(self, config: UMAConfig, dtype=None, *, key):
+        keys = jax.random.split(key, 10 + config.num_layers)
+        dtype = jnp.float32 if dtype is None else dtype
+        c, ce = config.sphere_channels, config.edge_channels
+        self.sphere_embedding = jax.random.normal(keys[0], (config.max_num_elements, c), dtype)
+        self.charge_embedding = _charge_spin_embedding(config, "charge", dtype, keys[1])
+        self.spin_embedding = _charge_spin_embedding(config, "spin", dtype, keys[2])
+        if config.dataset_embedding_names is not None:
+            rows = tuple(config.datasets.index(name) for name in config.dataset_embedding_names)
+            self.dataset_embedding = DatasetEmbedding(len(config.datasets), c, rows, dtype, key=keys[3])
+        else:
+            self.dataset_embedding = None
+        self.mix_csd = Linear((3 if self.dataset_embedding is not None else 2) * c, c, dtype=dtype, key=keys[4])
+        self.router = ExpertRouter(config, dtype, key=keys[5]) if config.num_experts > 0 else None
+        self.source_embedding = jax.random.uniform(keys[6], (config.max_num_elements, ce), dtype, -1e-3, 1e-3)
+        self.target_embedding = jax.random.uniform(keys[7], (config.max_num_elements, ce), dtype, -1e-3, 1e-3)
+        radial = [config.num_distance_basis + 2 * ce, ce, ce, (config.lmax + 1) * c]
+        self.edge_degree_rad = RadialMLP(radial, dtype, key=keys[8])
+        moe = set(config.moe_layers)
+        self.blocks = tuple(
+            UMABlock(config, config.num_experts if i in moe else 0, dtype, key=keys[10 + i])
+            for i in range(config.num_layers)
+        )
+        self.norm = make_norm(config, dtype)
+        self.config = config
+
+    def system_embedding(self, graph: AtomicGraph) -> Float[Array, "systems channels"]:
+        """`SiLU(mix_csd([charge, spin, dataset]))` (`escn_md.py:csd_embedding`)."""
+        parts = [self.charge_embedding(graph.charge), self.spin_embedding(graph.spin)]
+        if self.dataset_embedding is not None:
+            parts.append(self.dataset_embedding(graph.dataset_index))
+        return jax.nn.silu(self.mix_csd(jnp.concatenate(parts, axis=-1)))
+
+    def expert_coefficients(self, graph: AtomicGraph) -> Float[Array, "systems experts"]:
+        """MoLE mixing coefficients of each system of `graph` (composition, charge, spin, task)."""
+        if self.router is None:
+            raise ValueError("this backbone has no experts (dense or already merged)")
+        return self.router(graph, self.system_embedding(graph))
+
+    def edge_frame(self, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0) -> tuple[EdgeFrame, Float[Array, " edges"]]:
+        """Edge rotations, envelope-weighted inverse rotations and edge scalars."""
+        cfg = self.config
+        # padded edges get fairchem's fake-edge vector (cutoff + 1 per component): envelope 0.
+        vec = graph.edge_vectors(far=cfg.cutoff + 1.0)
+        distance = safe_norm(vec)
+        envelope = polynomial_envelope(distance / cfg.cutoff)
+        rot = jax.vmap(edge_rotation_matrix, in_axes=(0, None))(vec, roll)
+        wigner_full = jax.vmap(wigner_d_from_matrix, in_axes=(0, None))(rot, cfg.lmax)
+        rows = coefficient_layout(cfg.lmax, cfg.mmax).m_major_rows
+        wigner = wigner_full[:, rows, :]
+        wigner_inv_envelope = jnp.swapaxes(wigner, 1, 2) * envelope[:, None, None]
+        source, target = graph.edge_index[0], graph.edge_index[1]
+        z = graph.atomic_numbers
+        x_edge = jnp.concatenate(
+            [
+                jax.vmap(GaussianBasis(cfg.cutoff, cfg.num_distance_basis))(distance),
+                self.source_embedding[z[source]],
+                self.target_embedding[z[target]],
+            ],
+            axis=-1,
+        )
+        return EdgeFrame(wigner, wigner_inv_envelope, x_edge, source, target), envelope
+
+    def __call__(
+        self,
+        graph: AtomicGraph,
+        roll: Float[Array, ""] | float = 0.0,
+        expert_coefficients: Float[Array, "systems experts"] | None = None,
+    ) -> Float[Array, "atoms coeffs channels"]:
+        """Node features after the final norm.
+
+        **Arguments:**
+
+        - `graph`: the (batched, possibly padded) [`AtomicGraph`][].
+        - `roll`: rotation about the edge axis (fairchem draws it at random; default 0).
+        - `expert_coefficients`: override the routed MoLE coefficients (default: computed).
+
+        **Returns:**
+
+        `(atoms, (lmax+1)**2, sphere_channels)` node features.
+        """
+        cfg = self.config
+        num_atoms = graph.atomic_numbers.shape[0]
+        num_systems = graph.charge.shape[0]
+        csd = self.system_embedding(graph)
+        routing = None
+        if self.router is not None:
+            coefficients = self.router(graph, csd) if expert_coefficients is None else expert_coefficients
+            edge_system = graph.system_index[graph.edge_index[1]]
+            group_sizes = jax.ops.segment_sum(jnp.ones_like(edge_system), edge_system, num_segments=num_systems)
+            routing = MoLERouting(coefficients, group_sizes)
+
+        frame, _ = self.edge_frame(graph, roll)
+        dtype = self.sphere_embedding.dtype
+        x = jnp.zeros((num_atoms, (cfg.lmax + 1) ** 2, cfg.sphere_channels), dtype)
+        atom_csd = csd[graph.system_index]
+        x = x.at[:, 0, :].set(self.sphere_embedding[graph.atomic_numbers] + atom_csd)
+
+        # edge-degree embedding (`nn/embedding.py:EdgeDegreeEmbedding`, rescale 5.0)
+        m0 = cfg.lmax + 1
+        rad = self.edge_degree_rad(frame.x_edge).reshape(-1, m0, cfg.sphere_channels)
+        msg = jnp.einsum("ekm,emc->ekc", frame.wigner_inv_envelope[:, :, :m0], rad)
+        x = x + jax.ops.segment_sum(msg, frame.target, num_segments=num_atoms) / EDGE_DEGREE_RESCALE
+
+        natoms = jax.ops.segment_sum(graph.atom_mask.astype(dtype), graph.system_index, num_segments=num_systems)
+        for block in self.blocks:
+            x = block(x, atom_csd, frame, routing)
+            x = self._balance_channels(x, graph, natoms)
+        return self.norm(x)
+
+    def _balance_channels(self, x, graph: AtomicGraph, natoms):
+        # `escn_md.py:balance_channels_batched`: shift l=0 channels so that their per-system
+        # sum equals the charge (spin channels: spin - 1).
+        cfg = self.config
+        for (start, end), target in (
+            (cfg.charge_balanced_channels, graph.charge),
+            (cfg.spin_balanced_channels, graph.spin - 1),
+        ):
+            if end <= start:
+                continue
+            ch = x[:, 0, start:end]
+            sums = jax.ops.segment_sum(ch * graph.atom_mask[:, None], graph.system_index, num_segments=natoms.shape[0])
+            corr = (sums - target[:, None].astype(x.dtype)) / jnp.where(natoms > 0, natoms, 1)[:, None]
+            x = x.at[:, 0, start:end].set(ch - corr[graph.system_index])
+        return x

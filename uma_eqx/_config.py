@@ -1,0 +1,136 @@
+"""`UMAConfig`: every architectural choice of a UMA checkpoint, validated once."""
+
+import dataclasses
+import json
+from typing import Literal
+
+NormType = Literal["rms_norm_sh", "layer_norm", "layer_norm_sh"]
+FFType = Literal["spectral", "grid"]
+ChargeSpinEmbeddingType = Literal["rand_emb", "pos_emb", "lin_emb"]
+HeadType = Literal["mlp_energy", "linear_energy"]
+ExpertNorm = Literal["softmax", "pnorm"]
+
+
+@dataclasses.dataclass(frozen=True)
+class UMAConfig:
+    """Architecture of a UMA model (fairchem `eSCNMDBackbone` / `eSCNMDMoeBackbone` + heads).
+
+    Version differences between published checkpoints are fields here, never name checks.
+
+    **Fields:**
+
+    - `sphere_channels`, `hidden_channels`, `edge_channels`: feature widths.
+    - `lmax`, `mmax`: maximum degree of node features and maximum order in the edge frame.
+    - `num_layers`: number of `UMABlock`s.
+    - `num_distance_basis`, `cutoff`: Gaussian radial basis size and graph cutoff (Å).
+    - `max_neighbors`: fairchem's neighbour cap (ties at the cap are kept), `None` for none.
+    - `norm_type`, `ff_type`, `chg_spin_emb_type`: layer variants named as in fairchem.
+    - `datasets`: the task names the model accepts (fairchem `dataset_mapping` keys, sorted).
+    - `dataset_embedding_names`: embedding row used by each dataset (`dataset_mapping` values),
+      or `None` when the model has no dataset embedding.
+    - `num_experts`: MoLE experts in the SO(2) convolutions (0: a dense model).
+    - `experts_in_layers`: blocks whose SO(2) linears are MoLE (`layers_moe`).
+    - `use_composition_embedding`: composition feeds the routing MLP.
+    - `composition_mean_includes_self`: UMA-S-1.2's `index_reduce(include_self=True)`, which
+      divides the composition sum by `n + 1`.
+    - `expert_coefficient_norm`: `softmax` (+0.005) or `pnorm`.
+    - `charge_balanced_channels`, `spin_balanced_channels`: `(start, end)` channel ranges of
+      `l = 0` balanced after every block (UMA-S-1.2), `(0, 0)` for none.
+    - `head_type`: per-atom energy head (`mlp_energy`: MLP_EFS_Head / MLP_Energy_Head,
+      `linear_energy`: Linear_Energy_Head).
+    - `head_dataset_experts`: for each of `datasets`, the head expert it uses (`None`: a single
+      head shared by all datasets).
+    - `direct_forces`: the checkpoint also has a `Linear_Force_Head`.
+    - `model_id`, `model_version`: informational; nothing branches on them.
+    """
+
+    sphere_channels: int
+    hidden_channels: int
+    edge_channels: int
+    lmax: int
+    mmax: int
+    num_layers: int
+    num_distance_basis: int
+    cutoff: float
+    datasets: tuple[str, ...]
+    dataset_embedding_names: tuple[str, ...] | None = None
+    max_num_elements: int = 100
+    max_neighbors: int | None = 300
+    norm_type: NormType = "rms_norm_sh"
+    ff_type: FFType = "spectral"
+    chg_spin_emb_type: ChargeSpinEmbeddingType = "rand_emb"
+    num_experts: int = 0
+    experts_in_layers: tuple[int, ...] | None = None
+    use_composition_embedding: bool = False
+    composition_mean_includes_self: bool = False
+    expert_coefficient_norm: ExpertNorm = "softmax"
+    charge_balanced_channels: tuple[int, int] = (0, 0)
+    spin_balanced_channels: tuple[int, int] = (0, 0)
+    head_type: HeadType = "mlp_energy"
+    head_dataset_experts: tuple[int, ...] | None = None
+    direct_forces: bool = False
+    model_id: str | None = None
+    model_version: float | None = None
+
+    def __post_init__(self):
+        def bad(name, value, fix):
+            raise ValueError(f"UMAConfig.{name}={value!r} is invalid: {fix}")
+
+        for name in ("sphere_channels", "hidden_channels", "edge_channels", "num_layers", "num_distance_basis"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "must be a positive integer")
+        if self.lmax < 1 or not 0 <= self.mmax <= self.lmax:
+            bad("lmax/mmax", (self.lmax, self.mmax), "need lmax >= 1 and 0 <= mmax <= lmax")
+        if self.cutoff <= 0:
+            bad("cutoff", self.cutoff, "must be positive (Å)")
+        if not self.datasets:
+            bad("datasets", self.datasets, "need at least one dataset/task name")
+        if self.dataset_embedding_names is not None:
+            if len(self.dataset_embedding_names) != len(self.datasets):
+                bad("dataset_embedding_names", self.dataset_embedding_names, "need one entry per dataset")
+            if not set(self.dataset_embedding_names) <= set(self.datasets):
+                bad("dataset_embedding_names", self.dataset_embedding_names, "values must be dataset names")
+        if self.head_dataset_experts is not None and len(self.head_dataset_experts) != len(self.datasets):
+            bad("head_dataset_experts", self.head_dataset_experts, "need one expert index per dataset")
+        if self.num_experts < 0:
+            bad("num_experts", self.num_experts, "must be >= 0")
+        if self.norm_type not in ("rms_norm_sh", "layer_norm", "layer_norm_sh"):
+            bad("norm_type", self.norm_type, "use rms_norm_sh, layer_norm or layer_norm_sh")
+        if self.ff_type not in ("spectral", "grid"):
+            bad("ff_type", self.ff_type, "use spectral or grid")
+        if self.chg_spin_emb_type not in ("rand_emb", "pos_emb", "lin_emb"):
+            bad("chg_spin_emb_type", self.chg_spin_emb_type, "use rand_emb, pos_emb or lin_emb")
+        if self.expert_coefficient_norm not in ("softmax", "pnorm"):
+            bad("expert_coefficient_norm", self.expert_coefficient_norm, "use softmax or pnorm")
+        for name in ("charge_balanced_channels", "spin_balanced_channels"):
+            start, end = getattr(self, name)
+            if not 0 <= start <= end <= self.sphere_channels:
+                bad(name, (start, end), f"need 0 <= start <= end <= sphere_channels={self.sphere_channels}")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the blocks whose SO(2) convolutions are MoLE."""
+        if self.num_experts == 0:
+            return ()
+        return tuple(range(self.num_layers)) if self.experts_in_layers is None else self.experts_in_layers
+
+    def dataset_index(self, task_name: str) -> int:
+        """Index of `task_name` in `datasets`; a clear error lists the valid names."""
+        if task_name not in self.datasets:
+            raise ValueError(f"unknown task_name {task_name!r}: this model's tasks are {list(self.datasets)}")
+        return self.datasets.index(task_name)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "UMAConfig":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown UMAConfig fields {sorted(unknown)}: written by a newer uma_eqx?")
+        for key, value in data.items():
+            if isinstance(value, list):
+                data[key] = tuple(value)
+        return cls(**data)

@@ -1,0 +1,174 @@
+"""`UMA` = backbone + heads, and its derivatives: forces, stress, hessian."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._backbone import UMABackbone
+from ._config import UMAConfig
+from ._graph import AtomicGraph
+from ._heads import AbstractEnergyHead, EnergyReferences, LinearEnergyHead, LinearForceHead, MLPEnergyHead
+from .nn import MoLELinear, MoLERouting
+
+
+class UMA(eqx.Module):
+    """A UMA interatomic potential: `model(graph)` returns one energy (eV) per system.
+
+    Port of fairchem's `HydraModel(eSCNMDMoeBackbone, DatasetSpecificMoEWrapper(MLP_EFS_Head))`
+    plus the predict unit's post-processing (normaliser and element references), so that the
+    energy equals `FAIRChemCalculator`'s.
+
+    **Attributes:**
+
+    - `backbone`: the [`UMABackbone`][].
+    - `energy_head`: per-atom energy head (per-dataset experts when `config.head_dataset_experts`).
+    - `force_head`: direct-force head, if the checkpoint has one.
+    - `references`: per-task energy normalisation and element references.
+    """
+
+    backbone: UMABackbone
+    energy_head: AbstractEnergyHead
+    force_head: LinearForceHead | None
+    references: EnergyReferences
+
+    def __init__(self, config: UMAConfig, dtype=None, *, key):
+        kb, kh, kf = jax.random.split(key, 3)
+        self.backbone = UMABackbone(config, dtype, key=kb)
+        num_heads = 0 if config.head_dataset_experts is None else max(config.head_dataset_experts) + 1
+        match config.head_type:
+            case "mlp_energy":
+                self.energy_head = MLPEnergyHead(config, num_heads, dtype, key=kh)
+            case "linear_energy":
+                self.energy_head = LinearEnergyHead(config, num_heads, dtype, key=kh)
+            case other:
+                raise ValueError(f"unknown head_type {other!r}: use mlp_energy or linear_energy")
+        self.force_head = LinearForceHead(config, dtype, key=kf) if config.direct_forces else None
+        self.references = EnergyReferences(len(config.datasets), config.max_num_elements, dtype)
+
+    @property
+    def config(self) -> UMAConfig:
+        return self.backbone.config
+
+    @property
+    def dtype(self):
+        return self.backbone.sphere_embedding.dtype
+
+    @property
+    def is_merged(self) -> bool:
+        """True once the backbone experts were merged for a fixed composition."""
+        return self.backbone.router is None and self.config.num_experts > 0
+
+    def head_routing(self, graph: AtomicGraph, num_heads: int) -> MoLERouting | None:
+        if self.config.head_dataset_experts is None:
+            return None
+        expert = jnp.asarray(self.config.head_dataset_experts)[graph.dataset_index]
+        coefficients = jax.nn.one_hot(expert, num_heads, dtype=self.dtype)
+        sizes = jax.ops.segment_sum(jnp.ones_like(graph.system_index), graph.system_index, num_segments=graph.charge.shape[0])
+        return MoLERouting(coefficients, sizes)
+
+    def node_energies(
+        self, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0
+    ) -> tuple[Float[Array, " atoms"], Float[Array, "atoms coeffs channels"]]:
+        """Raw per-atom energies (zero on padded atoms) and the node features."""
+        features = self.backbone(graph, roll)
+        num_heads = 0 if self.config.head_dataset_experts is None else max(self.config.head_dataset_experts) + 1
+        e_atom = self.energy_head(features, self.head_routing(graph, num_heads))
+        return jnp.where(graph.atom_mask, e_atom, 0.0), features
+
+    def __call__(self, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0) -> Float[Array, " systems"]:
+        """Total energy (eV) of each system; 0 for padded systems.
+
+        **Arguments:**
+
+        - `graph`: a batched [`AtomicGraph`][].
+        - `roll`: edge-frame roll angle (any value gives the same energy up to round-off).
+        """
+        e_atom, _ = self.node_energies(graph, roll)
+        num_systems = graph.charge.shape[0]
+        raw = jax.ops.segment_sum(e_atom, graph.system_index, num_segments=num_systems)
+        energy = self.references(raw, graph.dataset_index, graph.atomic_numbers, graph.system_index, graph.atom_mask)
+        return jnp.where(graph.system_mask, energy, 0.0)
+
+
+def _strained(graph: AtomicGraph, positions, strain) -> AtomicGraph:
+    sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
+    deform = jnp.eye(3, dtype=positions.dtype) + sym
+    new_pos = jnp.einsum("ad,adk->ak", positions, deform[graph.system_index])
+    new_cell = jnp.einsum("sij,sjk->sik", graph.cell, deform)
+    return eqx.tree_at(lambda g: (g.positions, g.cell), graph, (new_pos, new_cell))
+
+
+def energy_forces_stress(
+    model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0, *, stress: bool = True
+) -> dict[str, Array]:
+    """Energy, conservative forces `-dE/dr` and stress `(1/V) dE/d(strain)`.
+
+    Stress follows fairchem's `outputs.py:compute_forces_and_stress`: the derivative with
+    respect to a symmetric strain `r' = r (I + eps)`, `h' = h (I + eps)`, divided by
+    `|det h|` (for non-periodic systems fairchem's cell is the identity, so `V = 1`).
+    Units eV, eV/Å, eV/Å³. Jit-able and differentiable.
+
+    **Returns:**
+
+    A dict with `energy (systems,)`, `forces (atoms, 3)` and (if `stress`) `stress (systems, 3, 3)`.
+    """
+    num_systems = graph.charge.shape[0]
+    strain0 = jnp.zeros((num_systems, 3, 3), graph.positions.dtype)
+
+    def total(positions, strain):
+        e = model(_strained(graph, positions, strain), roll)
+        return jnp.sum(e), e
+
+    if stress:
+        (grad_r, grad_s), energy = jax.grad(total, argnums=(0, 1), has_aux=True)(graph.positions, strain0)
+        volume = jnp.abs(jnp.linalg.det(graph.cell))
+        volume = jnp.where(graph.system_mask, volume, 1.0)
+        out = {"energy": energy, "forces": -grad_r, "stress": grad_s / volume[:, None, None]}
+    else:
+        grad_r, energy = jax.grad(total, has_aux=True)(graph.positions, strain0)
+        out = {"energy": energy, "forces": -grad_r}
+    out["forces"] = jnp.where(graph.atom_mask[:, None], out["forces"], 0.0)
+    return out
+
+
+def direct_forces(model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0) -> Float[Array, "atoms 3"]:
+    """Output of the direct-force head (`Linear_Force_Head`), for checkpoints that have one."""
+    if model.force_head is None:
+        raise ValueError("this model has no direct-force head (config.direct_forces is False)")
+    return model.force_head(model.backbone(graph, roll))
+
+
+def hessian(model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0) -> Float[Array, "n3 n3"]:
+    """Hessian `d^2 E / dr dr` of the total energy, shape `(3 atoms, 3 atoms)`.
+
+    This is the physical Hessian. (fairchem's `compute_hessian` additionally adds the energy
+    normaliser's mean to every entry, a quirk of its untrained-task normalisers.)
+    """
+
+    def total(flat):
+        g = eqx.tree_at(lambda g: g.positions, graph, flat.reshape(-1, 3))
+        return jnp.sum(model(g, roll))
+
+    return jax.hessian(total)(graph.positions.reshape(-1))
+
+
+def merge_experts(model: UMA, coefficients: Float[Array, " experts"]) -> UMA:
+    """Bake MoLE expert coefficients into plain linears (fairchem's `merge_mole`).
+
+    The result is tied to one composition, charge, spin and task: the ones that produced
+    `coefficients` (see [`UMABackbone.expert_coefficients`][]). It computes the same energies
+    for that system, faster.
+    """
+    if model.backbone.router is None:
+        raise ValueError("model has no experts to merge (dense, or already merged)")
+    coefficients = jnp.asarray(coefficients)
+    if coefficients.ndim == 2:
+        if coefficients.shape[0] != 1:
+            raise ValueError(f"merge_experts needs coefficients of one system, got shape {coefficients.shape}")
+        coefficients = coefficients[0]
+    is_mole = lambda x: isinstance(x, MoLELinear)
+    blocks = jax.tree.map(lambda m: m.merge(coefficients) if is_mole(m) else m, model.backbone.blocks, is_leaf=is_mole)
+    return eqx.tree_at(
+        lambda m: (m.backbone.blocks, m.backbone.router), model, (blocks, None), is_leaf=lambda x: x is None
+    )

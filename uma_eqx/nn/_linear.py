@@ -1,0 +1,80 @@
+"""Linear layers over rows: plain and mixture-of-linear-experts (MoLE)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+class MoLERouting(eqx.Module):
+    """Expert mixing for a batch whose rows are grouped contiguously by system.
+
+    **Attributes:**
+
+    - `coefficients`: `(systems, experts)` mixing coefficients.
+    - `group_sizes`: rows (edges or atoms) of each system, in order; they sum to the row count.
+    """
+
+    coefficients: Float[Array, "systems experts"]
+    group_sizes: Int[Array, "systems"]
+
+
+class Linear(eqx.Module):
+    """`y = x W^T + b` over the last axis.
+
+    Port of `torch.nn.Linear` as used throughout `fairchem.core.models.uma` (weights stored
+    `(out, in)`, no transpose on conversion).
+    """
+
+    weight: Float[Array, "out in"]
+    bias: Float[Array, " out"] | None
+
+    def __init__(self, in_features: int, out_features: int, use_bias: bool = True, dtype=None, *, key):
+        dtype = jnp.float32 if dtype is None else dtype
+        wkey, bkey = jax.random.split(key)
+        bound = in_features**-0.5
+        self.weight = jax.random.uniform(wkey, (out_features, in_features), dtype, -bound, bound)
+        self.bias = jax.random.uniform(bkey, (out_features,), dtype, -bound, bound) if use_bias else None
+
+    def __call__(self, x: Float[Array, "*rows in"], routing: MoLERouting | None = None) -> Float[Array, "*rows out"]:
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class MoLELinear(eqx.Module):
+    """Mixture of linear experts: system `s` uses `W_s = sum_e c[s, e] W_e` and one shared bias.
+
+    Port of `fairchem.core.models.uma.nn.mole.MOLE`. Rows must be grouped contiguously by
+    system (edges sorted by target atom, atoms sorted by system), as fairchem requires.
+    """
+
+    weights: Float[Array, "experts out in"]
+    bias: Float[Array, " out"] | None
+
+    def __init__(
+        self, num_experts: int, in_features: int, out_features: int, use_bias: bool = True, dtype=None, *, key
+    ):
+        dtype = jnp.float32 if dtype is None else dtype
+        wkey, bkey = jax.random.split(key)
+        bound = in_features**-0.5
+        self.weights = jax.random.uniform(wkey, (num_experts, out_features, in_features), dtype, -bound, bound)
+        self.bias = jax.random.uniform(bkey, (out_features,), dtype, -bound, bound) if use_bias else None
+
+    def __call__(self, x: Float[Array, "rows in"], routing: MoLERouting | None = None) -> Float[Array, "rows out"]:
+        if routing is None:
+            raise ValueError(
+                "MoLELinear needs expert coefficients: call the backbone (which computes them) "
+                "or merge the experts first with `uma_eqx.merge_experts`."
+            )
+        w = jnp.einsum("se,eoi->soi", routing.coefficients.astype(self.weights.dtype), self.weights)
+        if w.shape[0] == 1:
+            y = x @ w[0].T
+        else:
+            y = jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), routing.group_sizes.astype(jnp.int32))
+        return y if self.bias is None else y + self.bias
+
+    def merge(self, coefficients: Float[Array, " experts"]) -> Linear:
+        """A plain [`Linear`][] with weight `sum_e c[e] W_e` and the shared bias."""
+        lin = eqx.filter_eval_shape(Linear, 1, 1, key=jax.random.key(0))
+        w = jnp.einsum("e,eoi->oi", coefficients.astype(self.weights.dtype), self.weights)
+        return eqx.tree_at(lambda l: (l.weight, l.bias), lin, (w, self.bias), is_leaf=lambda v: v is None)

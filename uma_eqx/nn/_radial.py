@@ -1,0 +1,93 @@
+"""Radial functions: Gaussian basis, polynomial envelope, LayerNorm and the radial MLP."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from .._constants import ENVELOPE_EXPONENT, GAUSSIAN_BASIS_WIDTH, NORM_EPS
+from ._linear import Linear
+
+
+def torch_float32_linspace(start: float, stop: float, num: int) -> np.ndarray:
+    """`torch.linspace(start, stop, num)` in float32, bit for bit.
+
+    fairchem stores the Gaussian offsets as a float32 buffer, so even its float64 runs use
+    float32-rounded offsets. torch computes the lower half as `start + step*i` and the upper
+    half as `stop - step*(num-1-i)`, each with a single (fused) rounding.
+    """
+    f32 = np.float32
+    step = f32(f32(stop - start) / f32(num - 1)) if num > 1 else f32(0)
+    i = np.arange(num)
+    low = np.float64(f32(start)) + np.float64(step) * i
+    high = np.float64(f32(stop)) - np.float64(step) * (num - 1 - i)
+    return np.where(i < num // 2, low, high).astype(f32)
+
+
+class GaussianBasis(eqx.Module):
+    """`exp(coeff (d - mu_k)^2)` on `num_basis` offsets in `[0, cutoff]`, no prefactor.
+
+    Port of `fairchem.core.models.uma.nn.radial.GaussianSmearing` with `basis_width_scalar=2.0`:
+    `coeff = -0.5 / (2.0 * delta)^2`, `delta` the (float32) offset spacing.
+    """
+
+    cutoff: float = eqx.field(static=True)
+    num_basis: int = eqx.field(static=True)
+
+    def __call__(self, distance: Float[Array, ""]) -> Float[Array, " {self.num_basis}"]:
+        offsets = torch_float32_linspace(0.0, self.cutoff, self.num_basis)
+        delta = float(offsets[1] - offsets[0])
+        coeff = -0.5 / (GAUSSIAN_BASIS_WIDTH * delta) ** 2
+        diff = distance - jnp.asarray(offsets, distance.dtype)
+        return jnp.exp(coeff * diff**2)
+
+
+def polynomial_envelope(scaled_distance: Float[Array, "*b"]) -> Float[Array, "*b"]:
+    """`1 + x^p (a + x (b + c x))` for `x < 1`, else 0 (`nn/radial.py:PolynomialEnvelope`, p=5)."""
+    p = float(ENVELOPE_EXPONENT)
+    a, b, c = -(p + 1) * (p + 2) / 2, p * (p + 2), -p * (p + 1) / 2
+    x = scaled_distance
+    inside = x < 1
+    xs = jnp.where(inside, x, 0.0)
+    return jnp.where(inside, 1 + xs**p * (a + xs * (b + c * xs)), 0.0)
+
+
+class LayerNorm(eqx.Module):
+    """`torch.nn.LayerNorm(channels)` over the last axis (eps 1e-5, affine)."""
+
+    weight: Float[Array, " channels"]
+    bias: Float[Array, " channels"]
+
+    def __init__(self, channels: int, dtype=None):
+        dtype = jnp.float32 if dtype is None else dtype
+        self.weight = jnp.ones(channels, dtype)
+        self.bias = jnp.zeros(channels, dtype)
+
+    def __call__(self, x: Float[Array, "*rows channels"]) -> Float[Array, "*rows channels"]:
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + NORM_EPS) * self.weight + self.bias
+
+
+class RadialMLP(eqx.Module):
+    """Linear -> LayerNorm -> SiLU -> ... -> Linear.
+
+    Port of `fairchem.core.models.uma.nn.radial.RadialMLP` (torch keys `net.0, net.1, net.3,
+    net.4, net.6` for three linears).
+    """
+
+    linears: tuple[Linear, ...]
+    norms: tuple[LayerNorm, ...]
+
+    def __init__(self, channels: list[int], dtype=None, *, key):
+        keys = jax.random.split(key, len(channels) - 1)
+        self.linears = tuple(
+            Linear(channels[i], channels[i + 1], dtype=dtype, key=keys[i]) for i in range(len(channels) - 1)
+        )
+        self.norms = tuple(LayerNorm(c, dtype) for c in channels[1:-1])
+
+    def __call__(self, x: Float[Array, "*rows in"]) -> Float[Array, "*rows out"]:
+        for lin, norm in zip(self.linears[:-1], self.norms):
+            x = jax.nn.silu(norm(lin(x)))
+        return self.linears[-1](x)

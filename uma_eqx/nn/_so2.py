@@ -1,0 +1,98 @@
+"""SO(2) convolution in the edge frame (one implementation for plain and MoLE linears)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ..so3 import coefficient_layout
+from ._linear import Linear, MoLELinear, MoLERouting
+from ._radial import RadialMLP
+
+
+class SO2Convolution(eqx.Module):
+    """SO(2)-equivariant linear map of m-major edge features, optionally radially modulated.
+
+    Port of `fairchem.core.models.uma.nn.so2_layers.SO2_Convolution` (+ `SO2_m_Conv`).
+    For `m = 0` the `(lmax+1)` degrees are flattened and mapped by `fc_m0` (with bias); its first
+    `extra_m0_channels` outputs are returned separately (gating scalars). For `m > 0` the `+m`
+    and `-m` rows share one bias-free linear `fc_m[m-1]` producing `(a, b)` from `+m` and
+    `(c, d)` from `-m`; the outputs are the complex product `(+m: a - d, -m: c + b)`.
+    With a radial MLP, the flattened inputs of each `m` are multiplied by its slice of
+    `rad(x_edge)` first.
+    """
+
+    fc_m0: Linear | MoLELinear
+    fc_m: tuple[Linear | MoLELinear, ...]
+    rad: RadialMLP | None
+    lmax: int = eqx.field(static=True)
+    mmax: int = eqx.field(static=True)
+    in_channels: int = eqx.field(static=True)
+    out_channels: int = eqx.field(static=True)
+    extra_m0_channels: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        lmax: int,
+        mmax: int,
+        radial_channels: list[int] | None,
+        extra_m0_channels: int = 0,
+        num_experts: int = 0,
+        dtype=None,
+        *,
+        key,
+    ):
+        keys = jax.random.split(key, mmax + 2)
+
+        def linear(i, o, bias, k):
+            if num_experts > 0:
+                return MoLELinear(num_experts, i, o, bias, dtype, key=k)
+            return Linear(i, o, bias, dtype, key=k)
+
+        self.fc_m0 = linear((lmax + 1) * in_channels, (lmax + 1) * out_channels + extra_m0_channels, True, keys[0])
+        self.fc_m = tuple(
+            linear((lmax - m + 1) * in_channels, 2 * (lmax - m + 1) * out_channels, False, keys[m])
+            for m in range(1, mmax + 1)
+        )
+        total_in = sum((lmax - m + 1) * in_channels for m in range(mmax + 1))
+        self.rad = None if radial_channels is None else RadialMLP([*radial_channels, total_in], dtype, key=keys[-1])
+        self.lmax, self.mmax = lmax, mmax
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.extra_m0_channels = extra_m0_channels
+
+    def __call__(
+        self,
+        x: Float[Array, "edges m_coeffs {self.in_channels}"],
+        x_edge: Float[Array, "edges edge_features"] | None = None,
+        routing: MoLERouting | None = None,
+    ) -> tuple[Float[Array, "edges m_coeffs {self.out_channels}"], Float[Array, "edges {self.extra_m0_channels}"]]:
+        num_edges = x.shape[0]
+        sizes = coefficient_layout(self.lmax, self.mmax).m_sizes
+        radial = None if self.rad is None else self.rad(x_edge)
+        c_in, c_out = self.in_channels, self.out_channels
+
+        x0 = x[:, : sizes[0]].reshape(num_edges, -1)
+        offset_r = x0.shape[1]
+        if radial is not None:
+            x0 = x0 * radial[:, :offset_r]
+        y0 = self.fc_m0(x0, routing)
+        gating, y0 = y0[:, : self.extra_m0_channels], y0[:, self.extra_m0_channels :]
+        out = [y0.reshape(num_edges, -1, c_out)]
+
+        row = sizes[0]
+        routing2 = None if routing is None else MoLERouting(routing.coefficients, 2 * routing.group_sizes)
+        for m in range(1, self.mmax + 1):
+            n_l = sizes[m]
+            xm = x[:, row : row + 2 * n_l].reshape(num_edges, 2, n_l * c_in)
+            row += 2 * n_l
+            if radial is not None:
+                xm = xm * radial[:, None, offset_r : offset_r + n_l * c_in]
+                offset_r += n_l * c_in
+            ym = self.fc_m[m - 1](xm.reshape(num_edges * 2, -1), routing2)
+            ym = ym.reshape(num_edges, 4, n_l * c_out)
+            plus = ym[:, 0] - ym[:, 3]
+            minus = ym[:, 2] + ym[:, 1]
+            out += [plus.reshape(num_edges, n_l, c_out), minus.reshape(num_edges, n_l, c_out)]
+        return jnp.concatenate(out, axis=1), gating

@@ -1,0 +1,160 @@
+"""Node-wise SO(3) layers: `SO3Linear`, equivariant norms and the gate activation."""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from .._constants import NORM_EPS
+from ..so3 import coefficient_layout
+
+
+class SO3Linear(eqx.Module):
+    """Degree-wise linear map: `y_l = W_l x_l`, bias on `l = 0` only.
+
+    Port of `fairchem.core.models.uma.nn.so3_layers.SO3_Linear`.
+    """
+
+    weight: Float[Array, "lmax_plus_1 out in"]
+    bias: Float[Array, " out"]
+    lmax: int = eqx.field(static=True)
+
+    def __init__(self, in_features: int, out_features: int, lmax: int, dtype=None, *, key):
+        dtype = jnp.float32 if dtype is None else dtype
+        bound = in_features**-0.5
+        self.weight = jax.random.uniform(key, (lmax + 1, out_features, in_features), dtype, -bound, bound)
+        self.bias = jnp.zeros(out_features, dtype)
+        self.lmax = lmax
+
+    def __call__(self, x: Float[Array, "*rows coeffs in"]) -> Float[Array, "*rows coeffs out"]:
+        w = self.weight[coefficient_layout(self.lmax, self.lmax).l_of_coeff]
+        y = jnp.einsum("...mi,moi->...mo", x, w)
+        return y.at[..., 0, :].add(self.bias)
+
+
+def _f32(x) -> np.ndarray:
+    # fairchem keeps these tables as float32 buffers, cast (already rounded) in float64 runs.
+    return np.asarray(x, dtype=np.float32)
+
+
+class AbstractEquivariantNorm(eqx.Module):
+    """Normalisation of `[coeffs, channels]` features that commutes with rotations."""
+
+    @abc.abstractmethod
+    def __call__(self, x: Float[Array, "*rows coeffs channels"]) -> Float[Array, "*rows coeffs channels"]:
+        raise NotImplementedError
+
+
+class EquivariantRMSNorm(AbstractEquivariantNorm):
+    """Degree-balanced RMS norm (`norm_type="rms_norm_sh"`).
+
+    Port of `nn/layer_norm.py:EquivariantRMSNormArraySphericalHarmonicsV2` (centering, component
+    normalisation, `std_balance_degrees`): subtract the channel mean of `l = 0`, then
+    `n = mean_c sum_i w_i x_ic^2` with `w_i = 1 / ((2l+1)(lmax+1))`, and
+    `y = x (n + eps)^-1/2 * affine_weight[l]`, plus `affine_bias` on `l = 0`.
+    """
+
+    affine_weight: Float[Array, "lmax_plus_1 channels"]
+    affine_bias: Float[Array, " channels"]
+    lmax: int = eqx.field(static=True)
+
+    def __init__(self, lmax: int, channels: int, dtype=None):
+        dtype = jnp.float32 if dtype is None else dtype
+        self.affine_weight = jnp.ones((lmax + 1, channels), dtype)
+        self.affine_bias = jnp.zeros(channels, dtype)
+        self.lmax = lmax
+
+    def __call__(self, x: Float[Array, "*rows coeffs channels"]) -> Float[Array, "*rows coeffs channels"]:
+        l_of = coefficient_layout(self.lmax, self.lmax).l_of_coeff
+        x0 = x[..., :1, :]
+        x = jnp.concatenate([x0 - jnp.mean(x0, axis=-1, keepdims=True), x[..., 1:, :]], axis=-2)
+        balance = _f32(_f32(1.0 / (2 * l_of + 1)) / _f32(self.lmax + 1))
+        norm = jnp.einsum("...ic,i->...c", x**2, jnp.asarray(balance, x.dtype))
+        norm = jnp.mean(norm, axis=-1, keepdims=True)[..., None, :]  # [..., 1, 1]
+        y = x * (jax.lax.rsqrt(norm + NORM_EPS) * self.affine_weight[l_of])
+        return y.at[..., 0, :].add(self.affine_bias)
+
+
+class EquivariantLayerNorm(AbstractEquivariantNorm):
+    """Per-degree layer norm (`norm_type="layer_norm"`).
+
+    Port of `nn/layer_norm.py:EquivariantLayerNormArray` (component normalisation): each degree
+    is normalised by its own mean square over m and channels; `l = 0` is centred first.
+    """
+
+    affine_weight: Float[Array, "lmax_plus_1 channels"]
+    affine_bias: Float[Array, " channels"]
+    lmax: int = eqx.field(static=True)
+
+    def __init__(self, lmax: int, channels: int, dtype=None):
+        dtype = jnp.float32 if dtype is None else dtype
+        self.affine_weight = jnp.ones((lmax + 1, channels), dtype)
+        self.affine_bias = jnp.zeros(channels, dtype)
+        self.lmax = lmax
+
+    def __call__(self, x: Float[Array, "*rows coeffs channels"]) -> Float[Array, "*rows coeffs channels"]:
+        out = []
+        for l in range(self.lmax + 1):
+            f = x[..., l * l : (l + 1) ** 2, :]
+            if l == 0:
+                f = f - jnp.mean(f, axis=-1, keepdims=True)
+            n = jnp.mean(jnp.mean(f**2, axis=-2, keepdims=True), axis=-1, keepdims=True)
+            f = f * (jax.lax.rsqrt(n + NORM_EPS) * self.affine_weight[l])
+            if l == 0:
+                f = f + self.affine_bias
+            out.append(f)
+        return jnp.concatenate(out, axis=-2)
+
+
+class EquivariantLayerNormSH(AbstractEquivariantNorm):
+    """LayerNorm on `l = 0`, one shared degree-balanced RMS over `l > 0` (`"layer_norm_sh"`).
+
+    Port of `nn/layer_norm.py:EquivariantLayerNormArraySphericalHarmonics`
+    (`std_balance_degrees=True`, component normalisation).
+    """
+
+    norm_l0_weight: Float[Array, " channels"]
+    norm_l0_bias: Float[Array, " channels"]
+    affine_weight: Float[Array, "lmax channels"]
+    lmax: int = eqx.field(static=True)
+
+    def __init__(self, lmax: int, channels: int, dtype=None):
+        dtype = jnp.float32 if dtype is None else dtype
+        self.norm_l0_weight = jnp.ones(channels, dtype)
+        self.norm_l0_bias = jnp.zeros(channels, dtype)
+        self.affine_weight = jnp.ones((max(lmax, 0), channels), dtype)
+        self.lmax = lmax
+
+    def __call__(self, x: Float[Array, "*rows coeffs channels"]) -> Float[Array, "*rows coeffs channels"]:
+        x0 = x[..., :1, :]
+        mean = jnp.mean(x0, axis=-1, keepdims=True)
+        var = jnp.mean((x0 - mean) ** 2, axis=-1, keepdims=True)
+        out = [(x0 - mean) * jax.lax.rsqrt(var + NORM_EPS) * self.norm_l0_weight + self.norm_l0_bias]
+        if self.lmax > 0:
+            l_of = coefficient_layout(self.lmax, self.lmax).l_of_coeff[1:]
+            balance = _f32(_f32(1.0 / (2 * l_of + 1)) / _f32(self.lmax))
+            rest = x[..., 1:, :]
+            n = jnp.einsum("...ic,i->...c", rest**2, jnp.asarray(balance, x.dtype))
+            n = jnp.mean(n, axis=-1, keepdims=True)[..., None, :]
+            out.append(rest * (jax.lax.rsqrt(n + NORM_EPS) * self.affine_weight[l_of - 1]))
+        return jnp.concatenate(out, axis=-2)
+
+
+def gate_activation(
+    gates: Float[Array, "*rows lmax_times_channels"],
+    x: Float[Array, "*rows coeffs channels"],
+    l_of_row: np.ndarray,
+) -> Float[Array, "*rows coeffs channels"]:
+    """SiLU on the first (`l = 0`) row, `sigmoid(gate[l-1])` times every row of degree `l >= 1`.
+
+    Port of `nn/activation.py:GateActivation`; `l_of_row` gives the degree of each row (l-major
+    for node features, m-major in the edge frame, which is fairchem's `m_prime=True`).
+    """
+    lmax = int(l_of_row.max()) if len(l_of_row) > 1 else 0
+    channels = x.shape[-1]
+    g = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], lmax, channels)
+    g = jnp.take(g, jnp.asarray(l_of_row[1:] - 1), axis=-2)
+    return jnp.concatenate([jax.nn.silu(x[..., :1, :]), x[..., 1:, :] * g], axis=-2)
