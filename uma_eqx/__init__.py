@@ -3,7 +3,12 @@
 from ._backbone import UMABackbone as UMABackbone
 from ._block import UMABlock as UMABlock
 from ._config import UMAConfig as UMAConfig
-from ._graph import AtomicGraph as AtomicGraph
+from ._graph import (
+    AtomicGraph as AtomicGraph,
+    PaddingSpec as PaddingSpec,
+    bucket_size as bucket_size,
+    pad_graph as pad_graph,
+)
 from ._heads import (
     LinearEnergyHead as LinearEnergyHead,
     LinearForceHead as LinearForceHead,

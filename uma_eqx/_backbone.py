@@ -26,13 +26,14 @@ from .so3 import coefficient_layout, edge_rotation_matrix, safe_norm, wigner_d_f
 
 
 def _charge_spin_embedding(config: UMAConfig, target: str, dtype, key) -> AbstractChargeSpinEmbedding:
+    trainable = config.charge_spin_embedding_trainable
     match config.chg_spin_emb_type:
         case "rand_emb":
-            return TableChargeSpinEmbedding(target, config.sphere_channels, dtype, key=key)
+            return TableChargeSpinEmbedding(target, config.sphere_channels, dtype, trainable, key=key)
         case "pos_emb":
-            return FourierChargeSpinEmbedding(target, config.sphere_channels, dtype, key=key)
+            return FourierChargeSpinEmbedding(target, config.sphere_channels, dtype, trainable, key=key)
         case "lin_emb":
-            return LinearChargeSpinEmbedding(target, config.sphere_channels, dtype, key=key)
+            return LinearChargeSpinEmbedding(target, config.sphere_channels, dtype, trainable, key=key)
         case other:
             raise ValueError(f"unknown chg_spin_emb_type {other!r}: use rand_emb, pos_emb or lin_emb")
 
@@ -122,7 +123,9 @@ class UMABackbone(eqx.Module):
         self.spin_embedding = _charge_spin_embedding(config, "spin", dtype, keys[2])
         if config.dataset_embedding_names is not None:
             rows = tuple(config.datasets.index(name) for name in config.dataset_embedding_names)
-            self.dataset_embedding = DatasetEmbedding(len(config.datasets), c, rows, dtype, key=keys[3])
+            self.dataset_embedding = DatasetEmbedding(
+                len(config.datasets), c, rows, dtype, config.dataset_embedding_trainable, key=keys[3]
+            )
         else:
             self.dataset_embedding = None
         self.mix_csd = Linear((3 if self.dataset_embedding is not None else 2) * c, c, dtype=dtype, key=keys[4])

@@ -40,6 +40,11 @@ class UMAConfig:
       `linear_energy`: Linear_Energy_Head).
     - `head_dataset_experts`: for each of `datasets`, the head expert it uses (`None`: a single
       head shared by all datasets).
+    - `num_head_experts`: experts stored in each head linear (fairchem allocates one per
+      dataset name, even when several names share a head), 0 for a plain head.
+    - `tasks`: dataset names that have an energy task (usable as `task_name`); `None`: all.
+    - `charge_spin_embedding_trainable`, `dataset_embedding_trainable`: fairchem's
+      `cs_emb_grad` / `dataset_emb_grad`; frozen embeddings pass through `stop_gradient`.
     - `direct_forces`: the checkpoint also has a `Linear_Force_Head`.
     - `model_id`, `model_version`: informational; nothing branches on them.
     """
@@ -68,6 +73,10 @@ class UMAConfig:
     spin_balanced_channels: tuple[int, int] = (0, 0)
     head_type: HeadType = "mlp_energy"
     head_dataset_experts: tuple[int, ...] | None = None
+    num_head_experts: int = 0
+    tasks: tuple[str, ...] | None = None
+    charge_spin_embedding_trainable: bool = False
+    dataset_embedding_trainable: bool = False
     direct_forces: bool = False
     model_id: str | None = None
     model_version: float | None = None
@@ -90,8 +99,13 @@ class UMAConfig:
                 bad("dataset_embedding_names", self.dataset_embedding_names, "need one entry per dataset")
             if not set(self.dataset_embedding_names) <= set(self.datasets):
                 bad("dataset_embedding_names", self.dataset_embedding_names, "values must be dataset names")
-        if self.head_dataset_experts is not None and len(self.head_dataset_experts) != len(self.datasets):
-            bad("head_dataset_experts", self.head_dataset_experts, "need one expert index per dataset")
+        if self.head_dataset_experts is not None:
+            if len(self.head_dataset_experts) != len(self.datasets):
+                bad("head_dataset_experts", self.head_dataset_experts, "need one expert index per dataset")
+            if self.num_head_experts <= max(self.head_dataset_experts):
+                bad("num_head_experts", self.num_head_experts, "must exceed every head_dataset_experts index")
+        if self.tasks is not None and not set(self.tasks) <= set(self.datasets):
+            bad("tasks", self.tasks, f"must be a subset of datasets {list(self.datasets)}")
         if self.num_experts < 0:
             bad("num_experts", self.num_experts, "must be >= 0")
         if self.norm_type not in ("rms_norm_sh", "layer_norm", "layer_norm_sh"):
@@ -114,10 +128,15 @@ class UMAConfig:
             return ()
         return tuple(range(self.num_layers)) if self.experts_in_layers is None else self.experts_in_layers
 
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """Names accepted as `task_name`."""
+        return self.datasets if self.tasks is None else self.tasks
+
     def dataset_index(self, task_name: str) -> int:
         """Index of `task_name` in `datasets`; a clear error lists the valid names."""
-        if task_name not in self.datasets:
-            raise ValueError(f"unknown task_name {task_name!r}: this model's tasks are {list(self.datasets)}")
+        if task_name not in self.task_names:
+            raise ValueError(f"unknown task_name {task_name!r}: this model's tasks are {list(self.task_names)}")
         return self.datasets.index(task_name)
 
     def to_json(self) -> str:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 #: Defaults of `units/mlip_unit/api/inference.py:validate_uma_atoms_data`
-#: (`DEFAULT_CHARGE`, `DEFAULT_SPIN_OMOL`, `DEFAULT_SPIN`; `UMATask.OMOL.value == "omol"`).
+#: (`DEFAULT_CHARGE`, `DEFAULT_SPIN_OMOL`, `DEFAULT_SPIN`;
+#: `UMATask.OMOL.value == "omol"`).
 _DEFAULT_CHARGE = 0
 _DEFAULT_SPIN_OMOL = 1
 _DEFAULT_SPIN = 0
@@ -29,9 +30,9 @@ _OMOL_TASK = "omol"
 #: Mixed pbc needs a cell at least this large, in Å³
 #: (`datasets/atomic_data.py:AtomicData.from_ase`).
 _MIXED_PBC_MIN_VOLUME = 0.1
-#: All-periodic systems need a cell larger than this, in Å³. fairchem's calculator rejects
-#: an all-zero cell (`calculate/ase_calculator.py:AllZeroUnitCellError`); any degenerate
-#: cell would make its image search divide by zero.
+#: All-periodic systems need a cell larger than this, in Å³. fairchem's calculator
+#: rejects an all-zero cell (`calculate/ase_calculator.py:AllZeroUnitCellError`); any
+#: degenerate cell would make its image search divide by zero.
 _PBC_MIN_VOLUME = 1e-6
 
 
@@ -50,11 +51,11 @@ class AtomicGraph(eqx.Module):
     with `S_e = edge_shift[e]` and `H_s = cell[s]` (lattice vectors as rows). Real edges
     are sorted by target, so they are also grouped by system.
 
-    Padding (see [`uma_eqx.pad_graph`][]) appends masked entries: padded atoms sit at the
-    origin with atomic number 0 in a padded system; padded edges are self-loops on a
-    padded atom with zero shift; padded systems have an identity cell, charge 0, spin 0,
-    dataset 0. A batch with no edge at all holds one masked self-loop on atom 0, as
-    fairchem's `escn_md.py:add_n_empty_edges` adds one fake edge.
+    Padding (see [`uma_eqx.pad_graph`][]) appends masked entries: padded atoms sit at
+    the origin with atomic number 0 in a padded system; padded edges are self-loops on
+    a padded atom with zero shift; padded systems have an identity cell, charge 0,
+    spin 0, dataset 0. A batch with no edge at all holds one masked self-loop on atom 0,
+    as fairchem's `escn_md.py:add_n_empty_edges` adds one fake edge.
 
     Fields: `positions` (wrapped into the cell along periodic axes, as fairchem does),
     `atomic_numbers`, `system_index` (system of each atom), `edge_index`, `edge_shift`
@@ -165,9 +166,10 @@ class AtomicGraph(eqx.Module):
 
         Port of `fairchem.core.calculate.ase_calculator.FAIRChemCalculator.calculate`'s
         checks, `validate_uma_atoms_data`, `AtomicData.from_ase` and the model's
-        on-the-fly `radius_graph_pbc_v2` graph (see [`uma_eqx.neighbors.radius_graph`][]).
-        Runs on the host with numpy; the graph is computed in float64 on the wrapped
-        positions, then everything is converted to jax arrays.
+        on-the-fly `radius_graph_pbc_v2` graph
+        (see [`uma_eqx.neighbors.radius_graph`][]). Runs on the host with numpy; the
+        graph is computed in float64 on the wrapped positions, then everything is
+        converted to jax arrays. Unlike fairchem, `atoms.info` is not modified.
 
         Per system: positions are wrapped into the cell along periodic axes
         (`ase.geometry.wrap_positions(..., eps=0)`); the cell is
@@ -182,8 +184,8 @@ class AtomicGraph(eqx.Module):
         - `task_name`: the dataset of every system, or one per system.
         - `max_neighbors`: fairchem's neighbour cap (`None`: no cap).
         - `dtype`: float dtype of positions, shifts and cells; `None` for JAX's default.
-        - `pad`: `False` for exact sizes, `True` for [`uma_eqx.PaddingSpec`][]`()`
-            (bucketed sizes), or a `PaddingSpec`.
+        - `pad`: `False` for exact sizes, `True` for bucketed sizes (`PaddingSpec()`),
+            or a [`uma_eqx.PaddingSpec`][] (then [`uma_eqx.pad_graph`][] is applied).
 
         **Returns:**
 
@@ -191,9 +193,9 @@ class AtomicGraph(eqx.Module):
 
         **Raises:**
 
-        `ValueError` for an empty batch or structure, non-finite positions, an unknown task
-        name, charge/spin of the wrong type or out of range, an all-periodic system with
-        a zero-volume cell, or a partly periodic one with a cell under 0.1 Å³.
+        `ValueError` for an empty batch or structure, non-finite positions, an unknown
+        task name, charge/spin of the wrong type or out of range, an all-periodic system
+        with a zero-volume cell, or a partly periodic one with a cell under 0.1 Å³.
         """
         import ase
         from ase.geometry import wrap_positions
@@ -280,9 +282,9 @@ class AtomicGraph(eqx.Module):
 def bucket_size(n: int) -> int:
     """Round `n` up to three significant bits.
 
-    The buckets are 1, 2, ..., 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (every integer up
-    to 8, then `m * 2**k` with `m` in 4..7): four sizes per doubling, so at most 25% of a
-    padded array is padding and a stream of batches compiles only a few shapes.
+    The buckets are 1, 2, ..., 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (every integer
+    up to 8, then `m * 2**k` with `m` in 4..7): four sizes per doubling, so padding adds
+    at most 25% and a stream of batches compiles only a few shapes.
 
     **Arguments:**
 
@@ -325,8 +327,8 @@ class PaddingSpec:
                 or value < 1
             ):
                 raise ValueError(
-                    f"PaddingSpec.{name} must be a positive int or None (bucketed), got "
-                    f"{value!r}."
+                    f"PaddingSpec.{name} must be a positive int or None (bucketed), "
+                    f"got {value!r}."
                 )
 
     def sizes(self, graph: AtomicGraph) -> tuple[int, int, int]:
@@ -340,7 +342,8 @@ class PaddingSpec:
 
         Sizes to pass to [`uma_eqx.pad_graph`][], which checks that they fit.
         """
-        n_atoms, n_edges, n_systems = graph.num_atoms, graph.num_edges, graph.num_systems
+        n_atoms, n_edges = graph.num_atoms, graph.num_edges
+        n_systems = graph.num_systems
         edges = self.num_edges if self.num_edges is not None else bucket_size(n_edges)
         atoms = self.num_atoms
         if atoms is None:
@@ -356,15 +359,17 @@ def pad_graph(
 ) -> AtomicGraph:
     """Pad a graph with masked atoms, edges and systems to the given sizes.
 
-    New atoms go to the last system, new edges are zero-shift self-loops on the last atom;
-    so when atoms are added the last system must be padding (a new one, or already
+    New atoms go to the last system, new edges are zero-shift self-loops on the last
+    atom; so when atoms are added the last system must be padding (a new one, or already
     masked), and when edges are added the last atom must be. Real content, and the order
-    of edges by target, are unchanged. Padded values are described in [`uma_eqx.AtomicGraph`][].
+    of edges by target, are unchanged. Padded values are described in
+    [`uma_eqx.AtomicGraph`][]. Call it outside `jit` (it reads the masks).
 
     **Arguments:**
 
     - `graph`: the graph to pad.
-    - `num_atoms`, `num_edges`, `num_systems`: the new sizes, each at least the current one.
+    - `num_atoms`, `num_edges`, `num_systems`: the new sizes, each at least the current
+        one.
 
     **Returns:**
 
@@ -378,8 +383,8 @@ def pad_graph(
     for name, (new, old) in sizes.items():
         if isinstance(new, bool) or not isinstance(new, (int, np.integer)) or new < old:
             raise ValueError(
-                f"pad_graph: {name}={new!r} must be an int >= the graph's current {old}; "
-                f"use a larger {name}."
+                f"pad_graph: {name}={new!r} must be an int >= the graph's current "
+                f"{old}; use a larger {name}."
             )
     add_atoms = num_atoms - graph.num_atoms
     add_edges = num_edges - graph.num_edges
@@ -393,8 +398,8 @@ def pad_graph(
     if add_edges > 0 and add_atoms == 0 and _last_is_real(graph.atom_mask):
         raise ValueError(
             f"pad_graph: adding {add_edges} padded edges needs a padded atom, but "
-            f"num_atoms={num_atoms} leaves none; use num_atoms >= {graph.num_atoms + 1} "
-            "(and one more system)."
+            f"num_atoms={num_atoms} leaves none; use num_atoms >= "
+            f"{graph.num_atoms + 1} (and one more system)."
         )
 
     def extend(array, count, value):
@@ -402,9 +407,8 @@ def pad_graph(
         return jnp.concatenate([array, fill], axis=0)
 
     pad_system, pad_atom = num_systems - 1, num_atoms - 1
-    cell = jnp.concatenate(
-        [graph.cell, jnp.broadcast_to(jnp.eye(3, dtype=graph.cell.dtype), (add_systems, 3, 3))]
-    )
+    eye = jnp.eye(3, dtype=graph.cell.dtype)
+    cell = jnp.concatenate([graph.cell, jnp.broadcast_to(eye, (add_systems, 3, 3))])
     return AtomicGraph(
         positions=extend(graph.positions, add_atoms, 0),
         atomic_numbers=extend(graph.atomic_numbers, add_atoms, 0),
@@ -442,7 +446,9 @@ def _task_names(task_name: str | Sequence[str], num_systems: int) -> list[str]:
 
 def _checked_geometry(
     system: "ase.Atoms", k: int
-) -> tuple[Float[np.ndarray, "atoms 3"], Float[np.ndarray, "3 3"], Bool[np.ndarray, "3"]]:
+) -> tuple[
+    Float[np.ndarray, "atoms 3"], Float[np.ndarray, "3 3"], Bool[np.ndarray, "3"]
+]:
     """Positions, complete cell and pbc of one structure, with fairchem's checks."""
     if len(system) == 0:
         raise ValueError(
@@ -477,7 +483,7 @@ def _checked_geometry(
 
 
 def _charge_and_spin(info: dict, task: str, k: int) -> tuple[int, int]:
-    """Total charge and spin multiplicity of one structure, as fairchem's calculator reads them."""
+    """Total charge and spin multiplicity of one structure, as fairchem reads them."""
     default_spin = _DEFAULT_SPIN_OMOL if task == _OMOL_TASK else _DEFAULT_SPIN
     values = {
         "charge": (info.get("charge", _DEFAULT_CHARGE), CHARGE_RANGE),
@@ -492,8 +498,8 @@ def _charge_and_spin(info: dict, task: str, k: int) -> tuple[int, int]:
             )
         if not low <= value <= high:
             raise ValueError(
-                f"Structure #{k}: atoms.info[{name!r}] = {value} is outside the allowed "
-                f"range [{low}, {high}]."
+                f"Structure #{k}: atoms.info[{name!r}] = {value} is outside the "
+                f"allowed range [{low}, {high}]."
             )
         out.append(int(value))
     return out[0], out[1]

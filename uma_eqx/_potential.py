@@ -35,7 +35,7 @@ class UMA(eqx.Module):
     def __init__(self, config: UMAConfig, dtype=None, *, key):
         kb, kh, kf = jax.random.split(key, 3)
         self.backbone = UMABackbone(config, dtype, key=kb)
-        num_heads = 0 if config.head_dataset_experts is None else max(config.head_dataset_experts) + 1
+        num_heads = 0 if config.head_dataset_experts is None else config.num_head_experts
         match config.head_type:
             case "mlp_energy":
                 self.energy_head = MLPEnergyHead(config, num_heads, dtype, key=kh)
@@ -72,7 +72,7 @@ class UMA(eqx.Module):
     ) -> tuple[Float[Array, " atoms"], Float[Array, "atoms coeffs channels"]]:
         """Raw per-atom energies (zero on padded atoms) and the node features."""
         features = self.backbone(graph, roll)
-        num_heads = 0 if self.config.head_dataset_experts is None else max(self.config.head_dataset_experts) + 1
+        num_heads = 0 if self.config.head_dataset_experts is None else self.config.num_head_experts
         e_atom = self.energy_head(features, self.head_routing(graph, num_heads))
         return jnp.where(graph.atom_mask, e_atom, 0.0), features
 

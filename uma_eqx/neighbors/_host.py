@@ -32,27 +32,28 @@ def radius_graph(
 
     $$0 < \\lVert r_j - r_i + S\\,H \\rVert^2 \\le r_c^2,$$
 
-    where the rows of `H = cell` are the lattice vectors and `S` is zero along non-periodic
-    axes. The cutoff is **inclusive** and computed in float64; pairs at distance 0 (an atom
-    with itself, coincident atoms) are dropped. Every periodic image is found, also when the
-    cell is smaller than the cutoff or strongly skewed.
+    where the rows of `H = cell` are the lattice vectors and `S` is zero along
+    non-periodic axes. The cutoff is **inclusive** and computed in float64; pairs at
+    distance 0 (an atom with itself, coincident atoms) are dropped. Every periodic image
+    is found, also when the cell is smaller than the cutoff or strongly skewed.
 
     Neighbour cap (fairchem's `get_max_neighbors_mask`): an atom with more than
     `max_neighbors` neighbours keeps every neighbour with
     `d² <= d²_(max_neighbors) + 0.01 Å²`, where `d²_(k)` is its `k`-th smallest squared
-    distance (0-based, so the `max_neighbors + 1`-th nearest). Ties are never split, so such
-    an atom keeps at least `max_neighbors + 1` neighbours. Atoms at or below the cap keep
-    all of theirs.
+    distance (0-based, so the `max_neighbors + 1`-th nearest). Ties are never split,
+    so such an atom keeps at least `max_neighbors + 1` neighbours. Atoms at or below the
+    cap keep all of theirs.
 
-    Edges are sorted by target `i`, then source `j`, then `S` (lexicographically), so the
-    output is deterministic. fairchem also groups edges by target; its order within a
-    target follows its internal spatial grid and is not reproduced.
+    Edges are sorted by target `i`, then source `j`, then `S` (lexicographically), so
+    the output is deterministic. fairchem also groups edges by target; its order within
+    a target follows its internal spatial grid (and an unstable sort) and is not
+    reproduced.
 
     **Arguments:**
 
     - `positions`: Cartesian positions in Å. They need not be wrapped into the cell.
-    - `cell`: lattice vectors as rows. Ignored along non-periodic axes; must have non-zero
-        volume when any axis is periodic.
+    - `cell`: lattice vectors as rows. Ignored along non-periodic axes; must have
+        non-zero volume when any axis is periodic.
     - `pbc`: periodicity per axis (or one bool for all three).
     - `cutoff`: radius in Å, `> 0`.
     - `max_neighbors`: neighbour cap as above; `None` disables it (fairchem: `<= 0`).
@@ -60,8 +61,8 @@ def radius_graph(
     **Returns:**
 
     A tuple `(edge_index, shifts)`: `edge_index[0]` the source `j`, `edge_index[1]` the
-    target `i` (int64), and `shifts` the integer image offsets `S` (int64), such that the
-    edge vector is `positions[j] - positions[i] + shifts @ cell`.
+    target `i` (int64), and `shifts` the integer image offsets `S` (int64), such that
+    the edge vector is `positions[j] - positions[i] + shifts @ cell`.
     """
     positions = np.asarray(positions, dtype=np.float64)
     cell = np.asarray(cell, dtype=np.float64)
@@ -109,7 +110,7 @@ def _max_neighbors_mask(
     num_atoms: int,
     max_neighbors: int,
 ) -> Bool[np.ndarray, "edges"]:
-    """fairchem's `get_max_neighbors_mask(..., enforce_max_strictly=False)` for one system."""
+    """fairchem's `get_max_neighbors_mask(enforce_max_strictly=False)`, one system."""
     counts = np.bincount(target, minlength=num_atoms)
     if counts.size == 0 or counts.max() <= max_neighbors:
         return np.ones(target.shape, dtype=bool)

@@ -24,14 +24,17 @@ class TableChargeSpinEmbedding(AbstractChargeSpinEmbedding):
 
     weight: Float[Array, "rows channels"]
     index_offset: int = eqx.field(static=True)
+    trainable: bool = eqx.field(static=True)
 
-    def __init__(self, target: str, channels: int, dtype=None, *, key):
+    def __init__(self, target: str, channels: int, dtype=None, trainable: bool = False, *, key):
+        self.trainable = trainable
         rows = CHARGE_NUM_EMBEDDINGS if target == "charge" else SPIN_NUM_EMBEDDINGS
         self.index_offset = CHARGE_INDEX_OFFSET if target == "charge" else SPIN_INDEX_OFFSET
         self.weight = jax.random.normal(key, (rows, channels), jnp.float32 if dtype is None else dtype)
 
     def __call__(self, value: Int[Array, " systems"]) -> Float[Array, "systems channels"]:
-        return jax.lax.stop_gradient(self.weight)[value + self.index_offset]
+        w = self.weight if self.trainable else jax.lax.stop_gradient(self.weight)
+        return w[value + self.index_offset]
 
 
 class FourierChargeSpinEmbedding(AbstractChargeSpinEmbedding):
@@ -39,13 +42,15 @@ class FourierChargeSpinEmbedding(AbstractChargeSpinEmbedding):
 
     W: Float[Array, " half_channels"]
     is_spin: bool = eqx.field(static=True)
+    trainable: bool = eqx.field(static=True)
 
-    def __init__(self, target: str, channels: int, dtype=None, *, key):
+    def __init__(self, target: str, channels: int, dtype=None, trainable: bool = False, *, key):
+        self.trainable = trainable
         self.W = jax.random.normal(key, (channels // 2,), jnp.float32 if dtype is None else dtype)
         self.is_spin = target == "spin"
 
     def __call__(self, value: Int[Array, " systems"]) -> Float[Array, "systems channels"]:
-        w = jax.lax.stop_gradient(self.W)
+        w = self.W if self.trainable else jax.lax.stop_gradient(self.W)
         proj = value[:, None].astype(w.dtype) * w[None, :] * 2 * jnp.pi
         emb = jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
         return jnp.where((value == 0)[:, None], 0.0, emb) if self.is_spin else emb
@@ -56,15 +61,18 @@ class LinearChargeSpinEmbedding(AbstractChargeSpinEmbedding):
 
     linear: Linear
     is_spin: bool = eqx.field(static=True)
+    trainable: bool = eqx.field(static=True)
 
-    def __init__(self, target: str, channels: int, dtype=None, *, key):
+    def __init__(self, target: str, channels: int, dtype=None, trainable: bool = False, *, key):
+        self.trainable = trainable
         self.linear = Linear(1, channels, dtype=dtype, key=key)
         self.is_spin = target == "spin"
 
     def __call__(self, value: Int[Array, " systems"]) -> Float[Array, "systems channels"]:
         if self.is_spin:
             value = jnp.where(value == 0, -100, value)
-        return self.linear(value[:, None].astype(self.linear.weight.dtype))
+        lin = self.linear if self.trainable else jax.lax.stop_gradient(self.linear)
+        return lin(value[:, None].astype(self.linear.weight.dtype))
 
 
 class DatasetEmbedding(eqx.Module):
@@ -76,11 +84,16 @@ class DatasetEmbedding(eqx.Module):
 
     weight: Float[Array, "datasets channels"]
     row_of_dataset: tuple[int, ...] = eqx.field(static=True)
+    trainable: bool = eqx.field(static=True)
 
-    def __init__(self, num_datasets: int, channels: int, row_of_dataset: tuple[int, ...], dtype=None, *, key):
+    def __init__(
+        self, num_datasets: int, channels: int, row_of_dataset: tuple[int, ...], dtype=None, trainable: bool = False, *, key
+    ):
+        self.trainable = trainable
         self.weight = jax.random.normal(key, (num_datasets, channels), jnp.float32 if dtype is None else dtype)
         self.row_of_dataset = tuple(row_of_dataset)
 
     def __call__(self, dataset_index: Int[Array, " systems"]) -> Float[Array, "systems channels"]:
         rows = jnp.asarray(self.row_of_dataset)[dataset_index]
-        return jax.lax.stop_gradient(self.weight)[rows]
+        w = self.weight if self.trainable else jax.lax.stop_gradient(self.weight)
+        return w[rows]
