@@ -13,7 +13,7 @@ from ._radial import (
     LayerNorm as LayerNorm,
     RadialMLP as RadialMLP,
     polynomial_envelope as polynomial_envelope,
-    torch_float32_linspace as torch_float32_linspace,
+    torch_linspace as torch_linspace,
 )
 from ._so2 import SO2Convolution as SO2Convolution
 from ._so3 import (

@@ -10,19 +10,21 @@ from .._constants import ENVELOPE_EXPONENT, GAUSSIAN_BASIS_WIDTH, NORM_EPS
 from ._linear import Linear
 
 
-def torch_float32_linspace(start: float, stop: float, num: int) -> np.ndarray:
-    """`torch.linspace(start, stop, num)` in float32, bit for bit.
+def torch_linspace(start: float, stop: float, num: int, dtype=np.float32) -> np.ndarray:
+    """`torch.linspace(start, stop, num)` as torch computes it in `dtype`.
 
-    fairchem stores the Gaussian offsets as a float32 buffer, so even its float64 runs use
-    float32-rounded offsets. torch computes the lower half as `start + step*i` and the upper
-    half as `stop - step*(num-1-i)`, each with a single (fused) rounding.
+    fairchem builds its buffers in the run's default dtype (float32, or float64 for a float64
+    run), so the Gaussian offsets are float32-rounded in float32 runs. torch computes the lower
+    half as `start + step*i` and the upper half as `stop - step*(num-1-i)`, each with a single
+    (fused) rounding; this is reproduced bit for bit in float32 (float64: to round-off).
     """
-    f32 = np.float32
-    step = f32(f32(stop - start) / f32(num - 1)) if num > 1 else f32(0)
+    ft = np.dtype(dtype).type
+    step = ft(ft(stop - start) / ft(num - 1)) if num > 1 else ft(0)
     i = np.arange(num)
-    low = np.float64(f32(start)) + np.float64(step) * i
-    high = np.float64(f32(stop)) - np.float64(step) * (num - 1 - i)
-    return np.where(i < num // 2, low, high).astype(f32)
+    wide = np.longdouble
+    low = wide(ft(start)) + wide(step) * i
+    high = wide(ft(stop)) - wide(step) * (num - 1 - i)
+    return np.where(i < num // 2, low, high).astype(ft)
 
 
 class GaussianBasis(eqx.Module):
@@ -36,7 +38,7 @@ class GaussianBasis(eqx.Module):
     num_basis: int = eqx.field(static=True)
 
     def __call__(self, distance: Float[Array, ""]) -> Float[Array, " {self.num_basis}"]:
-        offsets = torch_float32_linspace(0.0, self.cutoff, self.num_basis)
+        offsets = torch_linspace(0.0, self.cutoff, self.num_basis, distance.dtype)
         delta = float(offsets[1] - offsets[0])
         coeff = -0.5 / (GAUSSIAN_BASIS_WIDTH * delta) ** 2
         diff = distance - jnp.asarray(offsets, distance.dtype)

@@ -35,9 +35,11 @@ class SO3Linear(eqx.Module):
         return y.at[..., 0, :].add(self.bias)
 
 
-def _f32(x) -> np.ndarray:
-    # fairchem keeps these tables as float32 buffers, cast (already rounded) in float64 runs.
-    return np.asarray(x, dtype=np.float32)
+def _balance_weights(l_of: np.ndarray, num_degrees: int, dtype) -> np.ndarray:
+    # `1 / (2l+1) / num_degrees` computed in the run's dtype, as fairchem builds its buffer
+    # (float32 in float32 runs, float64 in float64 runs).
+    ft = np.dtype(dtype).type
+    return (ft(1.0) / (2 * l_of + 1).astype(ft) / ft(num_degrees)).astype(ft)
 
 
 class AbstractEquivariantNorm(eqx.Module):
@@ -71,8 +73,8 @@ class EquivariantRMSNorm(AbstractEquivariantNorm):
         l_of = coefficient_layout(self.lmax, self.lmax).l_of_coeff
         x0 = x[..., :1, :]
         x = jnp.concatenate([x0 - jnp.mean(x0, axis=-1, keepdims=True), x[..., 1:, :]], axis=-2)
-        balance = _f32(_f32(1.0 / (2 * l_of + 1)) / _f32(self.lmax + 1))
-        norm = jnp.einsum("...ic,i->...c", x**2, jnp.asarray(balance, x.dtype))
+        balance = _balance_weights(l_of, self.lmax + 1, x.dtype)
+        norm = jnp.einsum("...ic,i->...c", x**2, jnp.asarray(balance))
         norm = jnp.mean(norm, axis=-1, keepdims=True)[..., None, :]  # [..., 1, 1]
         y = x * (jax.lax.rsqrt(norm + NORM_EPS) * self.affine_weight[l_of])
         return y.at[..., 0, :].add(self.affine_bias)
@@ -135,9 +137,9 @@ class EquivariantLayerNormSH(AbstractEquivariantNorm):
         out = [(x0 - mean) * jax.lax.rsqrt(var + NORM_EPS) * self.norm_l0_weight + self.norm_l0_bias]
         if self.lmax > 0:
             l_of = coefficient_layout(self.lmax, self.lmax).l_of_coeff[1:]
-            balance = _f32(_f32(1.0 / (2 * l_of + 1)) / _f32(self.lmax))
+            balance = _balance_weights(l_of, self.lmax, x.dtype)
             rest = x[..., 1:, :]
-            n = jnp.einsum("...ic,i->...c", rest**2, jnp.asarray(balance, x.dtype))
+            n = jnp.einsum("...ic,i->...c", rest**2, jnp.asarray(balance))
             n = jnp.mean(n, axis=-1, keepdims=True)[..., None, :]
             out.append(rest * (jax.lax.rsqrt(n + NORM_EPS) * self.affine_weight[l_of - 1]))
         return jnp.concatenate(out, axis=-2)

@@ -8,8 +8,8 @@ real spherical harmonics at the grid points: `to[b, a, i] = Y_i(p_ba)` and
 Grid points: `beta_b = (b + 1/2) pi / B`, `alpha_a = 2 pi a / A`,
 `p = (sin b sin a, cos b, sin b cos a)`.
 
-fairchem computes these tables in float32 and keeps them as float32 buffers, so the tables are
-rounded to float32 here too (also for float64 models).
+fairchem computes these tables in the run's default dtype; they are returned in float64 here and
+cast by the caller.
 """
 
 import functools
@@ -31,7 +31,7 @@ def _quadrature_weights(b: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def s2_grid_matrices(lmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """`(to_grid, from_grid)`, each `[res_beta, res_alpha, (lmax+1)**2]`, float32.
+    """`(to_grid, from_grid)`, each `[res_beta, res_alpha, (lmax+1)**2]`, float64.
 
     `grid = einsum("bai,...ic->...bac", to_grid, x)` and
     `x = einsum("bai,...bac->...ic", from_grid, grid)`.
@@ -48,6 +48,6 @@ def s2_grid_matrices(lmax: int) -> tuple[np.ndarray, np.ndarray]:
         ys.append(np.prod(pts[..., None, :] ** exps, axis=-1) @ coeffs.T)
     y = np.concatenate(ys, axis=-1)  # [B, A, L]
     qw = _quadrature_weights(res_beta // 2) * res_beta**2 / res_alpha
-    to_grid = y.astype(np.float32)
-    from_grid = (4 * math.pi * qw[:, None, None] * y).astype(np.float32)
+    to_grid = y
+    from_grid = 4 * math.pi * qw[:, None, None] * y
     return to_grid, from_grid
