@@ -27,3 +27,13 @@ from .nn import (
     SO2Convolution as SO2Convolution,
     SO3Linear as SO3Linear,
 )
+from ._io import load as load, read_header as read_header, save as save
+
+
+def load_fairchem_checkpoint(path, dtype=None, *, verify: bool = True):
+    """Convert a fairchem `.pt` checkpoint (needs torch); see `uma_eqx.convert.load_fairchem_checkpoint`."""
+    import jax.numpy as jnp
+
+    from .convert import load_fairchem_checkpoint as _load
+
+    return _load(path, jnp.float32 if dtype is None else dtype, verify=verify)

@@ -155,11 +155,27 @@ class UMABackbone(eqx.Module):
             raise ValueError("this backbone has no experts (dense or already merged)")
         return self.router(graph, self.system_embedding(graph))
 
-    def edge_frame(self, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0) -> tuple[EdgeFrame, Float[Array, " edges"]]:
-        """Edge rotations, envelope-weighted inverse rotations and edge scalars."""
+    def edge_frame(
+        self,
+        graph: AtomicGraph,
+        roll: Float[Array, ""] | float = 0.0,
+        strain: Float[Array, "systems 3 3"] | None = None,
+    ) -> tuple[EdgeFrame, Float[Array, " edges"]]:
+        """Edge rotations, envelope-weighted inverse rotations and edge scalars.
+
+        `strain` (optional) deforms every edge vector of system `s` as `r (I + eps_s)`: the
+        energy depends on positions and cell only through edge vectors, so this is the
+        homogeneous deformation used for the stress, without the round-off of straining
+        absolute positions.
+        """
         cfg = self.config
         # padded edges get fairchem's fake-edge vector (cutoff + 1 per component): envelope 0.
         vec = graph.edge_vectors(far=cfg.cutoff + 1.0)
+        if strain is not None:
+            deform = jnp.eye(3, dtype=vec.dtype) + strain.astype(vec.dtype)
+            edge_system = graph.system_index[graph.edge_index[1]]
+            strained = jnp.einsum("ed,edk->ek", vec, deform[edge_system])
+            vec = jnp.where(graph.edge_mask[:, None], strained, vec)
         distance = safe_norm(vec)
         envelope = polynomial_envelope(distance / cfg.cutoff)
         rot = jax.vmap(edge_rotation_matrix, in_axes=(0, None))(vec, roll)
@@ -184,6 +200,7 @@ class UMABackbone(eqx.Module):
         graph: AtomicGraph,
         roll: Float[Array, ""] | float = 0.0,
         expert_coefficients: Float[Array, "systems experts"] | None = None,
+        strain: Float[Array, "systems 3 3"] | None = None,
     ) -> Float[Array, "atoms coeffs channels"]:
         """Node features after the final norm.
 
@@ -192,6 +209,7 @@ class UMABackbone(eqx.Module):
         - `graph`: the (batched, possibly padded) [`AtomicGraph`][].
         - `roll`: rotation about the edge axis (fairchem draws it at random; default 0).
         - `expert_coefficients`: override the routed MoLE coefficients (default: computed).
+        - `strain`: homogeneous deformation of each system's edge vectors (for the stress).
 
         **Returns:**
 
@@ -208,7 +226,7 @@ class UMABackbone(eqx.Module):
             group_sizes = jax.ops.segment_sum(jnp.ones_like(edge_system), edge_system, num_segments=num_systems)
             routing = MoLERouting(coefficients, group_sizes)
 
-        frame, _ = self.edge_frame(graph, roll)
+        frame, _ = self.edge_frame(graph, roll, strain)
         dtype = self.sphere_embedding.dtype
         x = jnp.zeros((num_atoms, (cfg.lmax + 1) ** 2, cfg.sphere_channels), dtype)
         atom_csd = csd[graph.system_index]

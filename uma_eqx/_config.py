@@ -45,6 +45,8 @@ class UMAConfig:
     - `tasks`: dataset names that have an energy task (usable as `task_name`); `None`: all.
     - `charge_spin_embedding_trainable`, `dataset_embedding_trainable`: fairchem's
       `cs_emb_grad` / `dataset_emb_grad`; frozen embeddings pass through `stop_gradient`.
+    - `supports_single_atoms`: a lone non-periodic atom goes through the model (fairchem's
+      `HydraModel.supports_single_atoms`, set by uma-s-1p2); otherwise the calculator refuses it.
     - `direct_forces`: the checkpoint also has a `Linear_Force_Head`.
     - `model_id`, `model_version`: informational; nothing branches on them.
     """
@@ -78,6 +80,7 @@ class UMAConfig:
     charge_spin_embedding_trainable: bool = False
     dataset_embedding_trainable: bool = False
     direct_forces: bool = False
+    supports_single_atoms: bool = False
     model_id: str | None = None
     model_version: float | None = None
 

@@ -228,6 +228,7 @@ def config_from_pytorch_checkpoint(checkpoint: "FairchemCheckpoint | str") -> UM
     fields["composition_mean_includes_self"] = model_id == "UMA-S-1.2"
     fields["head_type"] = heads["head_type"]
     fields["direct_forces"] = heads["force_head_name"] is not None
+    fields["supports_single_atoms"] = bool(mc.get("supports_single_atoms", False))
     task_names = tuple(d for d in datasets if "energy" in tasks.get(d, {}))
     fields["tasks"] = task_names if task_names != datasets else None
     if not task_names:

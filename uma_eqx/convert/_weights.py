@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._config import UMAConfig
+from .._heads import EnergyReferences
 from .._potential import UMA
 from ._checkpoint import FairchemCheckpoint, load_pytorch_checkpoint
 from ._config import _parse_heads, config_from_pytorch_checkpoint, parse_tasks
@@ -178,6 +179,10 @@ def convert_pytorch_state_dict(
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError("dtype=float64 needs jax.config.update('jax_enable_x64', True) first")
     skeleton = eqx.filter_eval_shape(UMA, config, dtype, key=jax.random.key(0))
+    ref_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    skeleton = eqx.tree_at(
+        lambda m: m.references, skeleton, eqx.filter_eval_shape(EnergyReferences, len(config.datasets), config.max_num_elements, ref_dtype)
+    )
     table = key_table(config, heads)
     used: set[str] = set()
     paths, values = [], []
@@ -198,9 +203,11 @@ def convert_pytorch_state_dict(
     extra = sorted(set(state_dict) - used - set(derived_buffer_keys(config)))
     if extra:
         raise ValueError(f"checkpoint has unexpected key(s) {extra[:5]} not used by a {config.num_layers}-layer UMA")
+    # references keep full precision where JAX allows it (they are float64 in the checkpoint).
+    ref_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     for path, value in _references(config, tasks or {}, dtype).items():
         paths.append(path)
-        values.append(jnp.asarray(value, dtype=dtype))
+        values.append(jnp.asarray(value, dtype=ref_dtype))
     model = eqx.tree_at(lambda m: [_resolve(m, p) for p in paths], skeleton, values)
     unfilled = [leaf for leaf in jax.tree.leaves(model) if isinstance(leaf, jax.ShapeDtypeStruct)]
     if unfilled:

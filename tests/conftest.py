@@ -1,0 +1,32 @@
+"""Shared test configuration: float64 enabled, fixture paths, tolerance table."""
+
+import pathlib
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURE_NAMES = ("uma_s_1p1", "uma_s_1p2", "uma_m_1p1", "dense")
+
+#: Parity tolerances against fairchem, relative to the largest reference component
+#: (issue #2): float32 runs of fairchem itself differ by up to ~8e-6.
+TOLERANCES = {
+    "float64": {"energy": 1e-9, "forces": 1e-9, "stress": 1e-9},
+    "float32": {"energy": 1e-5, "forces": 1e-4, "stress": 1e-4},
+}
+
+
+def rel_err(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-12)
+    return float(np.max(np.abs(a - b))) / scale if a.size else 0.0
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    return FIXTURES
