@@ -75,6 +75,8 @@ def load(path: str | os.PathLike, dtype=None) -> UMA:
         stored = jnp.dtype(header["dtype"])
         skeleton = eqx.filter_eval_shape(UMA, config, stored, key=jax.random.key(0))
         ref_dtype = jnp.dtype(header.get("references_dtype", header["dtype"]))
+        if ref_dtype == jnp.float64 and not jax.config.jax_enable_x64:
+            ref_dtype = jnp.dtype(jnp.float32)  # read as float32 when JAX runs without x64
         refs = eqx.filter_eval_shape(EnergyReferences, len(config.datasets), config.max_num_elements, ref_dtype)
         skeleton = eqx.tree_at(lambda m: m.references, skeleton, refs)
         if header.get("merged"):

@@ -1,5 +1,7 @@
 """`UMAConfig` and task references from a fairchem checkpoint's configs, field by field."""
 
+import os
+
 import numpy as np
 
 from .._config import UMAConfig
@@ -161,7 +163,7 @@ def parse_tasks(tasks_config: list[dict]) -> dict[str, dict]:
     return out
 
 
-def config_from_pytorch_checkpoint(checkpoint: "FairchemCheckpoint | str") -> UMAConfig:
+def config_from_pytorch_checkpoint(checkpoint: "FairchemCheckpoint | str | os.PathLike") -> UMAConfig:
     """Infer the [`UMAConfig`][] of a fairchem checkpoint, field by field.
 
     Every backbone kwarg is either copied, required to have the value this port implements,

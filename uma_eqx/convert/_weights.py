@@ -6,6 +6,7 @@ torch both store linear weights `(out, in)`).
 """
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable
 
@@ -237,7 +238,7 @@ class WeightReport:
         return "\n".join(lines)
 
 
-def verify_weight_loading(model: UMA, checkpoint: "FairchemCheckpoint | str") -> WeightReport:
+def verify_weight_loading(model: UMA, checkpoint: "FairchemCheckpoint | str | os.PathLike") -> WeightReport:
     """Compare every leaf of `model` with the checkpoint tensor(s) it came from.
 
     The comparison is exact (after casting the checkpoint tensor to the model's dtype).
@@ -262,7 +263,7 @@ def verify_weight_loading(model: UMA, checkpoint: "FairchemCheckpoint | str") ->
     return WeightReport(rows, unused, derived)
 
 
-def load_fairchem_checkpoint(path: str, dtype=jnp.float32, *, verify: bool = True) -> UMA:
+def load_fairchem_checkpoint(path: "str | os.PathLike", dtype=jnp.float32, *, verify: bool = True) -> UMA:
     """Read, convert and (by default) verify a fairchem UMA inference checkpoint.
 
     Uses the EMA weights, as fairchem's inference does. torch is needed only here.
@@ -284,5 +285,5 @@ def load_fairchem_checkpoint(path: str, dtype=jnp.float32, *, verify: bool = Tru
     if verify:
         report = verify_weight_loading(model, ckpt)
         if not report.ok:
-            raise ValueError(f"weight verification failed for {path!r}:\n{report}")
+            raise ValueError(f"weight verification failed for {os.fspath(path)!r}:\n{report}")
     return model
