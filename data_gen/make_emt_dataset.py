@@ -34,7 +34,15 @@ from ase.build import bulk, fcc100, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.neighborlist import neighbor_list
+
+try:  # ase >= 3.29
+    from ase.md.velocitydistribution import thermalize_momenta as _thermalize
+except ImportError:  # older ase
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    def _thermalize(atoms, temperature_K, *, rng=None):
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
 
 ELEMENTS = ("Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al")
 
@@ -133,8 +141,36 @@ def choose(rng: np.random.Generator, options, probs=None):
     return options[int(idx)]
 
 
-def rattle(rng: np.random.Generator, atoms: Atoms, stdev: float) -> None:
-    atoms.positions = atoms.positions + rng.normal(0.0, stdev, size=(len(atoms), 3))
+# Rattled structures whose closest pair is below this fraction of the fcc
+# nearest-neighbour distance a/sqrt(2) are redrawn: EMT is very stiff at short
+# range and such frames give 20-80 eV/A force outliers that would dominate the
+# training loss of a small model.
+MIN_DIST_FRACTION = 0.8
+
+
+def min_pair_distance(atoms: Atoms, cutoff: float) -> float:
+    """Smallest interatomic distance (periodic images included) below cutoff."""
+    d = neighbor_list("d", atoms, cutoff)
+    return float(d.min()) if len(d) else float("inf")
+
+
+def rattle(rng: np.random.Generator, atoms: Atoms, stdev: float, a: float | None = None) -> None:
+    """Gaussian rattle (per Cartesian component) drawn from ``rng``.
+
+    If ``a`` (a lattice constant) is given, draws that bring any pair closer
+    than MIN_DIST_FRACTION * a / sqrt(2) are rejected and redrawn (the
+    standard deviation is shrunk by 10% every 10 rejections); this stays
+    deterministic because every draw comes from ``rng``.
+    """
+    pos0 = atoms.positions.copy()
+    dmin = None if a is None else MIN_DIST_FRACTION * a / np.sqrt(2.0)
+    for attempt in range(200):
+        atoms.positions = pos0 + rng.normal(0.0, stdev, size=(len(atoms), 3))
+        if dmin is None or min_pair_distance(atoms, dmin) >= dmin:
+            return
+        if attempt % 10 == 9:
+            stdev *= 0.9
+    atoms.positions = pos0
 
 
 def random_symmetric_strain(rng: np.random.Generator, max_strain: float) -> np.ndarray:
@@ -199,7 +235,7 @@ def gen_strained(rng, cfg):
         a = EMT_LATTICE[el] * rng.uniform(0.97, 1.03)
         at = fcc_cell(el, a, kind)
         apply_strain(at, random_symmetric_strain(rng, 0.04))
-        rattle(rng, at, rng.uniform(0.03, 0.1))
+        rattle(rng, at, rng.uniform(0.03, 0.1), a)
         groups.append([(at, "strained")])
     return groups
 
@@ -213,7 +249,7 @@ def gen_rattled(rng, cfg):
         kind = choose(rng, kinds, probs)
         a = EMT_LATTICE[el] * rng.uniform(0.97, 1.03)
         at = fcc_cell(el, a, kind)
-        rattle(rng, at, rng.uniform(0.05, 0.2))
+        rattle(rng, at, rng.uniform(0.05, 0.2), a)
         groups.append([(at, "rattled")])
     return groups
 
@@ -228,7 +264,7 @@ def gen_vacancy(rng, cfg):
         a = EMT_LATTICE[el] * rng.uniform(0.98, 1.02)
         at = fcc_cell(el, a, kind)
         del at[int(rng.integers(len(at)))]
-        rattle(rng, at, rng.uniform(0.02, 0.1))
+        rattle(rng, at, rng.uniform(0.02, 0.1), a)
         groups.append([(at, "vacancy")])
     return groups
 
@@ -260,7 +296,7 @@ def gen_surface(rng, cfg):
             for j in np.nonzero(mask)[0]:
                 syms[int(j)] = other
             at.set_chemical_symbols(syms)
-        rattle(rng, at, rng.uniform(0.02, 0.1))
+        rattle(rng, at, rng.uniform(0.02, 0.1), a)
         groups.append([(at, "surface")])
     return groups
 
@@ -275,7 +311,7 @@ def _alloy(rng, n_elem, kinds, probs, category):
     at.set_chemical_symbols(syms)
     if rng.uniform() < 0.3:
         apply_strain(at, random_symmetric_strain(rng, 0.03))
-    rattle(rng, at, rng.uniform(0.02, 0.12))
+    rattle(rng, at, rng.uniform(0.02, 0.12), a)
     return [(at, category)]
 
 
@@ -311,7 +347,7 @@ def gen_md(rng, cfg):
         # Slight thermal expansion at high T.
         at.set_cell(np.asarray(at.cell) * (1.0 + 1.0e-5 * temp), scale_atoms=True)
         rs = np.random.RandomState(int(rng.integers(2**31 - 1)))
-        MaxwellBoltzmannDistribution(at, temperature_K=temp, rng=rs)
+        _thermalize(at, temp, rng=rs)
         at.calc = EMT()
         dyn = Langevin(
             at,
@@ -467,6 +503,7 @@ def main(argv=None):
         "emt_lattice_constants_A": EMT_LATTICE,
         "split_fractions": list(SPLIT_FRACTIONS),
         "split_unit": "structure (MD: whole trajectory), stratified by category",
+        "rattle_min_distance_fraction_of_nn": MIN_DIST_FRACTION,
         "md": {
             "temperatures_K": list(MD_TEMPERATURES_K),
             "timestep_fs": MD_TIMESTEP_FS,

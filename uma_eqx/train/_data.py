@@ -1,0 +1,170 @@
+"""Labelled structures from extxyz / ASE databases, batched into padded graphs."""
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .._config import UMAConfig
+from .._graph import AtomicGraph, PaddingSpec, pad_graph
+
+
+@dataclasses.dataclass
+class Record:
+    """One labelled structure.
+
+    **Attributes:**
+
+    - `atoms`: the `ase.Atoms` (its `info` carries `charge`, `spin`, `task`).
+    - `energy`: total energy (eV).
+    - `forces`: `(n, 3)` forces (eV/Å) or `None`.
+    - `stress`: `(3, 3)` stress (eV/Å³, ASE sign) or `None`.
+    - `task`: dataset/task name.
+    - `source`: `path[index]`, used in error messages.
+    """
+
+    atoms: object
+    energy: float
+    forces: np.ndarray | None
+    stress: np.ndarray | None
+    task: str
+    source: str
+
+
+def _label(atoms, name, getter):
+    try:
+        return getter()
+    except Exception:
+        return atoms.info.get(name)
+
+
+def read_dataset(paths: "str | os.PathLike | Sequence[str | os.PathLike]", task: str | None = None) -> list[Record]:
+    """Read labelled structures from extxyz (or any ASE-readable) files or ASE databases (`.db`).
+
+    Energy is required; forces and stress are used when present. The task is
+    `atoms.info["task"]`, else `task`.
+
+    **Raises:**
+
+    `ValueError` naming the record (`path[index]`) for a missing energy, forces of the wrong
+    shape, non-finite labels or positions, or no task.
+    """
+    from ase.io import read
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    records = []
+    for path in paths:
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"dataset file not found: {path!r}")
+        if path.endswith(".db"):
+            import ase.db
+
+            frames = [row.toatoms(add_additional_information=True) for row in ase.db.connect(path).select()]
+            for a in frames:
+                a.info.update(a.info.pop("key_value_pairs", {}) or {})
+        else:
+            frames = read(path, ":")
+        for i, atoms in enumerate(frames):
+            src = f"{path}[{i}]"
+            energy = _label(atoms, "energy", atoms.get_potential_energy)
+            if energy is None:
+                raise ValueError(f"{src}: no energy label (store it with the calculator or info['energy'])")
+            energy = float(energy)
+            forces = _label(atoms, "forces", atoms.get_forces)
+            if forces is not None:
+                forces = np.asarray(forces, np.float64)
+                if forces.shape != (len(atoms), 3):
+                    raise ValueError(f"{src}: forces have shape {forces.shape}, expected ({len(atoms)}, 3)")
+            stress = _label(atoms, "stress", atoms.get_stress)
+            if stress is not None:
+                stress = np.asarray(stress, np.float64)
+                if stress.shape == (6,):
+                    from ase.stress import voigt_6_to_full_3x3_stress
+
+                    stress = voigt_6_to_full_3x3_stress(stress)
+                if stress.shape != (3, 3):
+                    raise ValueError(f"{src}: stress has shape {stress.shape}, expected (6,) or (3, 3)")
+            for name, value in (("energy", energy), ("forces", forces), ("stress", stress), ("positions", atoms.positions)):
+                if value is not None and not np.all(np.isfinite(value)):
+                    raise ValueError(f"{src}: non-finite {name} (NaN or inf); fix or drop this record")
+            name = atoms.info.get("task", task)
+            if name is None:
+                raise ValueError(f"{src}: no task: set atoms.info['task'] or pass task=")
+            atoms.calc = None
+            records.append(Record(atoms, energy, forces, stress, str(name), src))
+    if not records:
+        raise ValueError(f"no structures in {list(map(str, paths))}")
+    return records
+
+
+def check_records(records: Sequence[Record], config: UMAConfig) -> None:
+    """Errors naming the record for elements or tasks the model does not have."""
+    for r in records:
+        z = r.atoms.get_atomic_numbers()
+        bad = sorted({int(v) for v in z if not 1 <= v < config.max_num_elements})
+        if bad:
+            raise ValueError(f"{r.source}: atomic number(s) {bad} are outside the model's elements 1..{config.max_num_elements - 1}")
+        if r.task not in config.task_names:
+            raise ValueError(f"{r.source}: task {r.task!r} is not one of the model's tasks {list(config.task_names)}")
+
+
+@dataclasses.dataclass
+class Batch:
+    """A padded graph with its labels (padded entries are masked out of the loss)."""
+
+    graph: AtomicGraph
+    energy: np.ndarray  # (systems,)
+    forces: np.ndarray  # (atoms, 3)
+    stress: np.ndarray  # (systems, 3, 3)
+    has_forces: np.ndarray  # (atoms,) bool
+    has_stress: np.ndarray  # (systems,) bool
+
+
+def batch_capacity(records: Sequence[Record], config: UMAConfig, batch_size: int) -> PaddingSpec:
+    """Fixed padding sizes big enough for any `batch_size` records: one compilation per run."""
+    atoms = sorted((len(r.atoms) for r in records), reverse=True)
+    edges = []
+    for r in records:
+        g = AtomicGraph.from_atoms(r.atoms, cutoff=config.cutoff, datasets=config.datasets, task_name=r.task,
+                                   max_neighbors=config.max_neighbors, dtype=np.float64)
+        edges.append(int(np.asarray(g.edge_mask).sum()))
+    edges.sort(reverse=True)
+    n_atoms = sum(atoms[:batch_size]) + 1
+    n_edges = max(sum(edges[:batch_size]), 1)
+    return PaddingSpec(num_atoms=n_atoms, num_edges=n_edges, num_systems=batch_size + 1)
+
+
+def make_batch(records: Sequence[Record], config: UMAConfig, padding: PaddingSpec, dtype) -> Batch:
+    """Build one padded batch (graph + labels) from `records`."""
+    graph = AtomicGraph.from_atoms([r.atoms for r in records], cutoff=config.cutoff, datasets=config.datasets,
+                                   task_name=[r.task for r in records], max_neighbors=config.max_neighbors, dtype=dtype)
+    graph = pad_graph(graph, *padding.sizes(graph))
+    n_atoms, n_systems = graph.num_atoms, graph.num_systems
+    energy = np.zeros(n_systems)
+    forces = np.zeros((n_atoms, 3))
+    stress = np.zeros((n_systems, 3, 3))
+    has_f = np.zeros(n_atoms, bool)
+    has_s = np.zeros(n_systems, bool)
+    start = 0
+    for s, r in enumerate(records):
+        n = len(r.atoms)
+        energy[s] = r.energy
+        if r.forces is not None:
+            forces[start : start + n] = r.forces
+            has_f[start : start + n] = True
+        if r.stress is not None:
+            stress[s] = r.stress
+            has_s[s] = True
+        start += n
+    return Batch(graph, energy, forces, stress, has_f, has_s)
+
+
+def iterate_batches(records: Sequence[Record], batch_size: int, rng: np.random.Generator | None):
+    """Index lists of one epoch (shuffled when `rng` is given)."""
+    order = np.arange(len(records)) if rng is None else rng.permutation(len(records))
+    for i in range(math.ceil(len(records) / batch_size)):
+        yield [records[j] for j in order[i * batch_size : (i + 1) * batch_size]]

@@ -1,0 +1,289 @@
+"""Filtered-jit training and fine-tuning with optax, EMA, checkpoints and metrics."""
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import time
+import tomllib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .._config import UMAConfig
+from .._io import load, save
+from .._potential import UMA
+from ._data import Batch, batch_capacity, check_records, iterate_batches, make_batch, read_dataset
+from ._loss import LossWeights, loss_fn, predictions_and_errors
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; readable from TOML (see `uma-eqx train`).
+
+    **Fields:**
+
+    - `train`, `valid`: dataset files (extxyz / ASE `.db`), lists of paths.
+    - `out_dir`: where checkpoints, `metrics.csv`, `metrics.json`, `learning_curve.png` and
+      `model.eqx` (the EMA weights, or the raw weights without EMA) go.
+    - `init`: a `.eqx` model to fine-tune; else `model` (a dict of `UMAConfig` fields) builds
+      a fresh one with random weights from `seed`.
+    - `task`: task of records without `info["task"]`.
+    - `epochs`, `batch_size`, `learning_rate`, `warmup_steps`, `weight_decay`, `grad_clip`.
+    - `energy_weight`, `forces_weight`, `stress_weight`: loss weights.
+    - `freeze`: `"none"`, `"backbone"` (train heads only), `"all_but_experts"` (train MoLE
+      experts only), or `"embeddings"`.
+    - `ema_decay`: EMA of weights (0 disables).
+    - `fit_references`: before training, least-squares fit the per-element reference energies
+      of `task` to the training energies (recommended from scratch).
+    - `seed`, `dtype` (`float32`/`float64`), `eval_every` (epochs), `progress`.
+    """
+
+    train: list[str]
+    valid: list[str] = dataclasses.field(default_factory=list)
+    out_dir: str = "runs/uma_eqx"
+    init: str | None = None
+    model: dict | None = None
+    task: str | None = None
+    epochs: int = 10
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0
+    energy_weight: float = 1.0
+    forces_weight: float = 10.0
+    stress_weight: float = 0.0
+    freeze: str = "none"
+    ema_decay: float = 0.99
+    fit_references: bool = False
+    seed: int = 0
+    dtype: str = "float32"
+    eval_every: int = 1
+    progress: bool = True
+
+    @classmethod
+    def from_toml(cls, path: "str | os.PathLike") -> "TrainConfig":
+        data = tomllib.loads(pathlib.Path(path).read_text())
+        base = pathlib.Path(path).parent
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown training options {sorted(unknown)}; known: {sorted(known)}")
+        for key in ("train", "valid"):
+            if isinstance(data.get(key), str):
+                data[key] = [data[key]]
+            data[key] = [str(base / p) for p in data.get(key, [])]
+        for key in ("init", "out_dir"):
+            if data.get(key):
+                data[key] = str(base / data[key])
+        return cls(**data)
+
+
+def trainable_filter(model: UMA, freeze: str):
+    """A bool pytree: which leaves are trained (`eqx.partition` filter spec)."""
+    spec = jax.tree.map(eqx.is_inexact_array, model)
+    none = lambda m: jax.tree.map(lambda _: False, m)  # noqa: E731
+    spec = eqx.tree_at(lambda m: m.references, spec, none(model.references))  # fitted, never trained
+    match freeze:
+        case "none":
+            return spec
+        case "backbone":
+            return eqx.tree_at(lambda m: m.backbone, spec, none(model.backbone))
+        case "embeddings":
+            return eqx.tree_at(
+                lambda m: (m.backbone.sphere_embedding, m.backbone.source_embedding, m.backbone.target_embedding),
+                spec, (False, False, False),
+            )
+        case "all_but_experts":
+            from ..nn import MoLELinear
+
+            is_mole = lambda x: isinstance(x, MoLELinear)  # noqa: E731
+            experts = jax.tree.map(
+                lambda x: jax.tree.map(eqx.is_inexact_array, x) if is_mole(x) else jax.tree.map(lambda _: False, x),
+                model.backbone.blocks, is_leaf=is_mole,
+            )
+            return eqx.tree_at(lambda m: m.backbone.blocks, none(spec), experts)
+        case other:
+            raise ValueError(f"unknown freeze={other!r}: use none, backbone, embeddings or all_but_experts")
+
+
+def fit_element_references(model: UMA, records, task: str) -> UMA:
+    """Least-squares per-element reference energies of `task` (others keep theirs)."""
+    cfg = model.config
+    d = cfg.dataset_index(task)
+    rows = [r for r in records if r.task == task]
+    counts = np.zeros((len(rows), cfg.max_num_elements))
+    for i, r in enumerate(rows):
+        np.add.at(counts[i], r.atoms.get_atomic_numbers(), 1)
+    used = counts.sum(0) > 0
+    e = np.array([r.energy for r in rows])
+    coef, *_ = np.linalg.lstsq(counts[:, used], e, rcond=None)
+    refs = np.array(model.references.element_references)
+    refs[d] = 0.0
+    refs[d, used] = coef
+    return eqx.tree_at(lambda m: m.references.element_references, model, jnp.asarray(refs, model.references.element_references.dtype))
+
+
+def _to_device(batch: Batch) -> dict:
+    return {"graph": batch.graph, "energy": jnp.asarray(batch.energy), "forces": jnp.asarray(batch.forces),
+            "stress": jnp.asarray(batch.stress), "has_forces": jnp.asarray(batch.has_forces),
+            "has_stress": jnp.asarray(batch.has_stress)}
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, max(total_steps - 1, 1)),
+                                                  max(total_steps, 2), cfg.learning_rate * 0.02)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+@eqx.filter_jit(donate="all-except-first")
+def _train_step(static, params, opt_state, ema, batch, optimizer, weights, ema_decay):
+    def f(p):
+        return loss_fn(eqx.combine(p, static), batch, weights)
+
+    (loss, errs), grads = eqx.filter_value_and_grad(f, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = eqx.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    return params, opt_state, ema, loss, errs
+
+
+@eqx.filter_jit
+def _eval_step(model, batch):
+    return predictions_and_errors(model, batch)
+
+
+def evaluate(model: UMA, records, padding, dtype, batch_size: int) -> dict[str, float]:
+    """MAEs on `records`: energy (meV/atom), forces (meV/Å), stress (meV/Å³)."""
+    sums = {"e": 0.0, "f": 0.0, "s": 0.0, "n": 0, "nf": 0, "ns": 0}
+    for chunk in iterate_batches(records, batch_size, None):
+        errs = _eval_step(model, _to_device(make_batch(chunk, model.config, padding, dtype)))
+        sums["e"] += float(errs["energy_abs_sum"])
+        sums["f"] += float(errs["forces_abs_sum"])
+        sums["s"] += float(errs["stress_abs_sum"])
+        sums["n"] += int(errs["n_systems"])
+        sums["nf"] += int(errs["n_force_components"])
+        sums["ns"] += int(errs["n_stress_components"])
+    return {
+        "energy_mae_meV_per_atom": 1000 * sums["e"] / max(sums["n"], 1),
+        "forces_mae_meV_per_A": 1000 * sums["f"] / max(sums["nf"], 1),
+        "stress_mae_meV_per_A3": 1000 * sums["s"] / max(sums["ns"], 1) if sums["ns"] else float("nan"),
+    }
+
+
+def _save_state(path, step, params, opt_state, ema, rng_state):
+    with open(path, "wb") as f:
+        f.write(json.dumps({"step": step, "rng": rng_state}).encode() + b"\n")
+        eqx.tree_serialise_leaves(f, (params, opt_state, ema))
+
+
+def _load_state(path, like):
+    with open(path, "rb") as f:
+        meta = json.loads(f.readline())
+        state = eqx.tree_deserialise_leaves(f, like)
+    return meta, state
+
+
+def train(cfg: TrainConfig, resume: bool = True) -> tuple[UMA, dict]:
+    """Train (or fine-tune) a model; returns the final model (EMA weights if enabled) and metrics.
+
+    Writes to `cfg.out_dir`: `checkpoint.state` + `checkpoint.eqx` after every epoch (a run
+    restarted with `resume=True` continues exactly where it stopped), `metrics.csv`,
+    `metrics.json`, `learning_curve.png` and `model.eqx`.
+    """
+    if cfg.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
+    out = pathlib.Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.init:
+        model = load(cfg.init, dtype=dtype)
+    elif cfg.model:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}
+        model = UMA(UMAConfig(**fields), dtype, key=jax.random.key(cfg.seed))
+    else:
+        raise ValueError("TrainConfig needs `init` (a .eqx model to fine-tune) or `model` (UMAConfig fields)")
+    train_set = read_dataset(cfg.train, cfg.task)
+    valid_set = read_dataset(cfg.valid, cfg.task) if cfg.valid else []
+    check_records(train_set + valid_set, model.config)
+    if cfg.fit_references:
+        for task in sorted({r.task for r in train_set}):
+            model = fit_element_references(model, train_set, task)
+    padding = batch_capacity(train_set + valid_set, model.config, cfg.batch_size)
+    steps_per_epoch = -(-len(train_set) // cfg.batch_size)
+    optimizer = make_optimizer(cfg, cfg.epochs * steps_per_epoch)
+    params, static = eqx.partition(model, trainable_filter(model, cfg.freeze))
+    opt_state = optimizer.init(params)
+    ema = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    rng = np.random.default_rng(cfg.seed)
+    weights = LossWeights(cfg.energy_weight, cfg.forces_weight, cfg.stress_weight)
+    step, start_epoch, history = 0, 0, []
+    state_path, metrics_path = out / "checkpoint.state", out / "metrics.json"
+    if resume and state_path.exists():
+        model = load(out / "checkpoint.eqx", dtype=dtype)
+        params, static = eqx.partition(model, trainable_filter(model, cfg.freeze))
+        meta, (params, opt_state, ema) = _load_state(state_path, (params, opt_state, ema))
+        step = meta["step"]
+        rng.bit_generator.state = meta["rng"]
+        history = json.loads(metrics_path.read_text()) if metrics_path.exists() else []
+        start_epoch = step // steps_per_epoch
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=not cfg.progress, desc="train", unit="step")
+    for epoch in range(start_epoch, cfg.epochs):
+        t0, losses = time.time(), []
+        for chunk in iterate_batches(train_set, cfg.batch_size, rng):
+            batch = _to_device(make_batch(chunk, model.config, padding, dtype))
+            params, opt_state, ema, loss, _ = _train_step(static, params, opt_state, ema, batch, optimizer, weights,
+                                                          cfg.ema_decay)
+            losses.append(float(loss))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4g}", epoch=epoch + 1)
+        current = eqx.combine(ema if cfg.ema_decay > 0 else params, static)
+        row = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)), "epoch_seconds": time.time() - t0}
+        if valid_set and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            row.update({f"val_{k}": v for k, v in evaluate(current, valid_set, padding, dtype, cfg.batch_size).items()})
+        history.append(row)
+        save(out / "checkpoint.eqx", eqx.combine(params, static))
+        _save_state(state_path, step, params, opt_state, ema, rng.bit_generator.state)
+        _write_metrics(out, history)
+    bar.close()
+    final = eqx.combine(ema if cfg.ema_decay > 0 else params, static)
+    save(out / "model.eqx", final)
+    return final, {"history": history}
+
+
+def _write_metrics(out: pathlib.Path, history: list[dict]) -> None:
+    (out / "metrics.json").write_text(json.dumps(history, indent=1))
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ep = [r["epoch"] for r in history]
+    ax[0].semilogy(ep, [r["train_loss"] for r in history], label="train loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    for key, label in (("val_energy_mae_meV_per_atom", "E MAE (meV/atom)"), ("val_forces_mae_meV_per_A", "F MAE (meV/Å)")):
+        pts = [(r["epoch"], r[key]) for r in history if key in r]
+        if pts:
+            ax[1].semilogy(*zip(*pts), marker="o", label=label)
+    ax[1].set_xlabel("epoch")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning_curve.png", dpi=100)
+    plt.close(fig)
