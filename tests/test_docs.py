@@ -13,6 +13,7 @@ The key table in `docs/converting.md` (between `<!-- key-table:start -->` and
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import pathlib
 import re
@@ -49,9 +50,10 @@ def _blocks(page: pathlib.Path) -> list[tuple[int, str, str | None, str | None]]
 _PAGES = sorted(p for p in DOCS.glob("*.md") if _blocks(p))
 
 
-@pytest.mark.parametrize("page", _PAGES, ids=[p.name for p in _PAGES])
-def test_examples_run(page, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def _run_page(page: pathlib.Path) -> dict:
+    """Execute the runnable blocks of one page in a fresh namespace (child-process side)."""
+    import traceback
+
     namespace = {"__name__": f"docs_{page.stem}"}
     ran = 0
     for line, code, skip, required in _blocks(page):
@@ -62,18 +64,60 @@ def test_examples_run(page, monkeypatch):
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
-        except Exception as e:
-            raise AssertionError(f"example at {page.relative_to(ROOT)}:{line} failed: {e!r}") from e
+        except BaseException:
+            return {"ran": ran, "error": f"example at {page.relative_to(ROOT)}:{line} failed:\n{traceback.format_exc()}"}
         ran += 1
-    if ran == 0:
+    return {"ran": ran, "error": None}
+
+
+@pytest.fixture(scope="module")
+def example_results() -> dict[str, dict]:
+    """Run every page in its own fresh Python process, all pages concurrently.
+
+    A fresh process per page runs the examples as a reader would (JAX defaults, e.g. float32,
+    and nothing compiled or configured by other tests). XLA optimisations are switched off to
+    keep compile times short; the examples' results do not depend on them.
+    """
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    env.pop("JAX_ENABLE_X64", None)
+    procs = {
+        page.name: subprocess.Popen(
+            [sys.executable, __file__, "--run-page", str(page)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for page in _PAGES
+    }
+    results = {}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        last = out.strip().rsplit("\n", 1)[-1] if out.strip() else ""
+        try:
+            results[name] = json.loads(last)
+        except ValueError:
+            results[name] = {"ran": 0, "error": f"runner crashed (exit {proc.returncode}):\n{out}\n{err[-4000:]}"}
+    return results
+
+
+@pytest.mark.parametrize("page", _PAGES, ids=[p.name for p in _PAGES])
+def test_examples_run(page, example_results):
+    result = example_results[page.name]
+    assert result["error"] is None, result["error"]
+    if result["ran"] == 0:
         pytest.skip(f"every example of {page.name} is skipped or needs a missing module")
 
 
-def test_skip_markers_are_explicit():
-    # a skipped example must say why
-    for page in DOCS.rglob("*.md"):
-        for line, _, skip, _ in _blocks(page):
-            assert skip is None or skip != "marked <!-- skip -->", f"{page}:{line}: give a reason in <!-- skip: ... -->"
+def test_skipped_examples_are_explained_and_compile():
+    for page in sorted(DOCS.rglob("*.md")):
+        for line, code, skip, _ in _blocks(page):
+            where = f"{page.relative_to(ROOT)}:{line}"
+            compile(code, where, "exec")  # at least valid Python
+            assert skip != "marked <!-- skip -->", f"{where}: give a reason, <!-- skip: why -->"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +153,11 @@ def key_table_markdown() -> str:
         seen.add((key, path))
         shape = tuple(_resolve(model, entry.path).shape)
         rows.append(f"| `{key}` | `{path}` | `{shape}` |")
-    header = "| fairchem key (`ema_state_dict`) | Equinox leaf (path from `UMA`) | shape in the fixture |\n|---|---|---|"
-    return header + "\n" + "\n".join(rows)
+    header = [
+        "| fairchem key (`ema_state_dict`) | Equinox leaf (path from `UMA`) | shape in the fixture |",
+        "|---|---|---|",
+    ]
+    return "\n".join(header + rows)
 
 
 def test_key_table_is_current():
@@ -141,6 +188,7 @@ def _documented_objects(page: pathlib.Path) -> list[str]:
 
 def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs")
+    pytest.importorskip("material")  # mkdocs-material
     pytest.importorskip("mkdocstrings_handlers.python")
     site = tmp_path / "site"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
@@ -163,4 +211,8 @@ def test_mkdocs_build_strict(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    print(key_table_markdown())
+    if sys.argv[1:2] == ["--run-page"]:
+        os.chdir(ROOT)
+        print(json.dumps(_run_page((ROOT / sys.argv[2]).resolve())))
+    else:
+        print(key_table_markdown())

@@ -141,7 +141,8 @@ def test_wigner_d_matches_e3nn():
     ours = np.asarray(_wigner(jnp.asarray(rot), LMAX_SH))
     for l in range(LMAX_SH + 1):
         ref = o3.Irrep(l, (-1) ** l).D_from_matrix(torch.tensor(rot, dtype=torch.float64)).numpy()
-        np.testing.assert_allclose(ours[l * l : (l + 1) ** 2, l * l : (l + 1) ** 2], ref, atol=ATOL_E3NN_WIGNER, err_msg=f"l={l}")
+        block = ours[l * l : (l + 1) ** 2, l * l : (l + 1) ** 2]
+        np.testing.assert_allclose(block, ref, atol=ATOL_E3NN_WIGNER, err_msg=f"l={l}")
 
 
 # ------------------------------------------------------------------------ edge rotations
@@ -173,7 +174,8 @@ def test_edge_rotation_at_the_poles():
 def test_edge_rotation_across_the_chart_blend():
     # both chart-only caps, the blend boundaries, the blend interior and the equator
     start, end = QUATERNION_BLEND_START, QUATERNION_BLEND_START + QUATERNION_BLEND_WIDTH
-    ey = [-1 + 1e-12, -0.99, start - 1e-9, start, start + 1e-9, -0.5, 0.0, 1e-13, 0.5, end - 1e-9, end, end + 1e-9, 0.99]
+    ey = [-1 + 1e-12, -0.99, start - 1e-9, start, start + 1e-9, -0.5, 0.0, 1e-13, 0.5]
+    ey += [end - 1e-9, end, end + 1e-9, 0.99]
     _check_maps_to_y(_edges_with_ey(ey, np.random.default_rng(6)))
 
 
@@ -196,7 +198,9 @@ _GRAD_POINTS = [
     -2.0 * Y_AXIS,
     np.array([1e-9, 1.0, -2e-9]),
     np.array([3e-9, -1.0, 1e-9]),
-    *_edges_with_ey([QUATERNION_BLEND_START, QUATERNION_BLEND_START + QUATERNION_BLEND_WIDTH], np.random.default_rng(8)),
+    *_edges_with_ey(
+        [QUATERNION_BLEND_START, QUATERNION_BLEND_START + QUATERNION_BLEND_WIDTH], np.random.default_rng(8)
+    ),
     np.array([0.3, -0.4, 1.2]),
 ]
 

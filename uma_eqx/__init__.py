@@ -37,3 +37,4 @@ def load_fairchem_checkpoint(path, dtype=None, *, verify: bool = True):
     from .convert import load_fairchem_checkpoint as _load
 
     return _load(path, jnp.float32 if dtype is None else dtype, verify=verify)
+from ._default import default_model as default_model, default_model_report as default_model_report

@@ -9,7 +9,6 @@ import click
 
 DATA = pathlib.Path(__file__).parent / "data"
 EXAMPLES = DATA / "examples.extxyz"
-BUNDLED = DATA / "example_uma_s_random.eqx"
 
 
 class _Fail(click.ClickException):
@@ -20,8 +19,8 @@ def _load_model(path: str | None):
     import uma_eqx
 
     if path is None:
-        click.echo(f"model: {BUNDLED.name} (bundled random-weight uma-s-shaped example; pass --model for a real one)", err=True)
-        return uma_eqx.load(BUNDLED)
+        click.echo("model: built-in default model (trained on EMT for Cu Ag Au Ni Pd Pt Al; pass --model for UMA)", err=True)
+        return uma_eqx.default_model()
     if not os.path.exists(path):
         raise _Fail(f"model file not found: {path} (give a .eqx file, or a fairchem .pt to convert)")
     if path.endswith(".pt"):
@@ -198,6 +197,30 @@ def info(model_path):
     if model_path and model_path.endswith(".eqx"):
         header = uma_eqx.read_header(model_path)
         click.echo(f"file: {model_path} ({os.path.getsize(model_path) / 1e6:.2f} MB), format version {header['format_version']}")
+
+
+@main.command()
+@click.argument("config", type=click.Path())
+@click.option("--no-resume", is_flag=True, help="Start from scratch even if out_dir has a checkpoint.")
+def train(config, no_resume):
+    """Train or fine-tune a model from a TOML CONFIG (see uma_eqx.train.TrainConfig).
+
+    \b
+    Example:
+      uma-eqx train data_gen/default_model.toml
+    """
+    from uma_eqx.train import TrainConfig, train as run_training
+
+    if not os.path.exists(config):
+        raise _Fail(f"training config not found: {config}")
+    try:
+        cfg = TrainConfig.from_toml(config)
+        model, result = run_training(cfg, resume=not no_resume)
+    except (ValueError, FileNotFoundError) as e:
+        raise _Fail(str(e)) from e
+    last = result["history"][-1] if result["history"] else {}
+    click.echo(json.dumps(last, indent=1))
+    click.echo(f"wrote {cfg.out_dir}/model.eqx, metrics.csv, metrics.json, learning_curve.png")
 
 
 def run():  # pragma: no cover - console entry point

@@ -146,7 +146,8 @@ def load_pytorch_checkpoint(path: str | os.PathLike) -> FairchemCheckpoint:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError / RuntimeError subclasses
         msg = str(e).split("\n")
-        detail = next((line.strip() for line in msg if "Unsupported global" in line or "error" in line.lower()), msg[0])
+        detail = next((line.strip() for line in msg if "Unsupported global" in line), None)
+        detail = detail or next((line.strip() for line in msg if "error" in line.lower()), msg[0])
         raise ValueError(f"cannot read {path!r} as a fairchem inference checkpoint: {detail}") from e
     if not isinstance(raw, _Checkpoint):
         raise ValueError(

@@ -45,7 +45,9 @@ class MoLELinear(eqx.Module):
     """Mixture of linear experts: system `s` uses `W_s = sum_e c[s, e] W_e` and one shared bias.
 
     Port of `fairchem.core.models.uma.nn.mole.MOLE`. Rows must be grouped contiguously by
-    system (edges sorted by target atom, atoms sorted by system), as fairchem requires.
+    system (edges sorted by target atom, atoms sorted by system), as fairchem requires. For a
+    batch of several systems the cheaper of two exact evaluations is used: mixing the experts
+    per row (cost ~ experts) or applying each system's merged weight (cost ~ systems).
     """
 
     weights: Float[Array, "experts out in"]
@@ -66,11 +68,21 @@ class MoLELinear(eqx.Module):
                 "MoLELinear needs expert coefficients: call the backbone (which computes them) "
                 "or merge the experts first with `uma_eqx.merge_experts`."
             )
-        w = jnp.einsum("se,eoi->soi", routing.coefficients.astype(self.weights.dtype), self.weights)
-        if w.shape[0] == 1:
-            y = x @ w[0].T
+        coefficients = routing.coefficients.astype(self.weights.dtype)
+        num_systems, num_experts = coefficients.shape
+        if num_systems == 1:
+            y = x @ jnp.einsum("e,eoi->oi", coefficients[0], self.weights).T
         else:
-            y = jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), routing.group_sizes.astype(jnp.int32))
+            rows = x.shape[0]
+            row_system = jnp.repeat(jnp.arange(num_systems), routing.group_sizes, total_repeat_length=rows)
+            if num_experts <= num_systems:
+                # sum_e c[s(r), e] W_e x_r as one matmul over (expert, input) pairs
+                mixed = (coefficients[row_system][:, :, None] * x[:, None, :]).reshape(rows, -1)
+                y = mixed @ jnp.swapaxes(self.weights, 1, 2).reshape(-1, self.weights.shape[1])
+            else:
+                w = jnp.einsum("se,eoi->soi", coefficients, self.weights)
+                per_system = jnp.einsum("ri,soi->rso", x, w)
+                y = jnp.einsum("rs,rso->ro", jax.nn.one_hot(row_system, num_systems, dtype=x.dtype), per_system)
         return y if self.bias is None else y + self.bias
 
     def merge(self, coefficients: Float[Array, " experts"]) -> Linear:

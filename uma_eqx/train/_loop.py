@@ -17,7 +17,7 @@ import optax
 from .._config import UMAConfig
 from .._io import load, save
 from .._potential import UMA
-from ._data import Batch, batch_capacity, check_records, iterate_batches, make_batch, read_dataset
+from ._data import Batch, batch_capacity, check_records, make_batch, pack_batches, read_dataset
 from ._loss import LossWeights, loss_fn, predictions_and_errors
 
 
@@ -161,7 +161,10 @@ def _eval_step(model, batch):
 def evaluate(model: UMA, records, padding, dtype, batch_size: int) -> dict[str, float]:
     """MAEs on `records`: energy (meV/atom), forces (meV/Å), stress (meV/Å³)."""
     sums = {"e": 0.0, "f": 0.0, "s": 0.0, "n": 0, "nf": 0, "ns": 0}
-    for chunk in iterate_batches(records, batch_size, None):
+    from ._data import count_edges
+
+    count_edges(records, model.config)
+    for chunk in pack_batches(records, padding, None):
         errs = _eval_step(model, _to_device(make_batch(chunk, model.config, padding, dtype)))
         sums["e"] += float(errs["energy_abs_sum"])
         sums["f"] += float(errs["forces_abs_sum"])
@@ -176,9 +179,9 @@ def evaluate(model: UMA, records, padding, dtype, batch_size: int) -> dict[str, 
     }
 
 
-def _save_state(path, step, params, opt_state, ema, rng_state):
+def _save_state(path, step, epoch, params, opt_state, ema, rng_state):
     with open(path, "wb") as f:
-        f.write(json.dumps({"step": step, "rng": rng_state}).encode() + b"\n")
+        f.write(json.dumps({"step": step, "epoch": epoch, "rng": rng_state}).encode() + b"\n")
         eqx.tree_serialise_leaves(f, (params, opt_state, ema))
 
 
@@ -189,12 +192,19 @@ def _load_state(path, like):
     return meta, state
 
 
-def train(cfg: TrainConfig, resume: bool = True) -> tuple[UMA, dict]:
+def train(cfg: TrainConfig, resume: bool = True, stop_after_epochs: int | None = None) -> tuple[UMA, dict]:
     """Train (or fine-tune) a model; returns the final model (EMA weights if enabled) and metrics.
 
     Writes to `cfg.out_dir`: `checkpoint.state` + `checkpoint.eqx` after every epoch (a run
-    restarted with `resume=True` continues exactly where it stopped), `metrics.csv`,
-    `metrics.json`, `learning_curve.png` and `model.eqx`.
+    restarted with `resume=True` and the same config continues exactly where it stopped),
+    `metrics.csv`, `metrics.json`, `learning_curve.png` and `model.eqx`.
+
+    **Arguments:**
+
+    - `cfg`: the [`TrainConfig`][].
+    - `resume`: continue from `out_dir`'s checkpoint if there is one.
+    - `stop_after_epochs`: stop this call after that many epochs in total (e.g. to split a run
+      over several jobs); the schedule still spans `cfg.epochs`.
     """
     if cfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -215,7 +225,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> tuple[UMA, dict]:
         for task in sorted({r.task for r in train_set}):
             model = fit_element_references(model, train_set, task)
     padding = batch_capacity(train_set + valid_set, model.config, cfg.batch_size)
-    steps_per_epoch = -(-len(train_set) // cfg.batch_size)
+    # packed batches vary a little in count per epoch: the schedule uses the first epoch's count
+    steps_per_epoch = len(pack_batches(train_set, padding, np.random.default_rng(cfg.seed)))
     optimizer = make_optimizer(cfg, cfg.epochs * steps_per_epoch)
     params, static = eqx.partition(model, trainable_filter(model, cfg.freeze))
     opt_state = optimizer.init(params)
@@ -231,13 +242,14 @@ def train(cfg: TrainConfig, resume: bool = True) -> tuple[UMA, dict]:
         step = meta["step"]
         rng.bit_generator.state = meta["rng"]
         history = json.loads(metrics_path.read_text()) if metrics_path.exists() else []
-        start_epoch = step // steps_per_epoch
+        start_epoch = meta["epoch"]
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=not cfg.progress, desc="train", unit="step")
-    for epoch in range(start_epoch, cfg.epochs):
+    last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
+    for epoch in range(start_epoch, last_epoch):
         t0, losses = time.time(), []
-        for chunk in iterate_batches(train_set, cfg.batch_size, rng):
+        for chunk in pack_batches(train_set, padding, rng):
             batch = _to_device(make_batch(chunk, model.config, padding, dtype))
             params, opt_state, ema, loss, _ = _train_step(static, params, opt_state, ema, batch, optimizer, weights,
                                                           cfg.ema_decay)
@@ -251,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> tuple[UMA, dict]:
             row.update({f"val_{k}": v for k, v in evaluate(current, valid_set, padding, dtype, cfg.batch_size).items()})
         history.append(row)
         save(out / "checkpoint.eqx", eqx.combine(params, static))
-        _save_state(state_path, step, params, opt_state, ema, rng.bit_generator.state)
+        _save_state(state_path, step, epoch + 1, params, opt_state, ema, rng.bit_generator.state)
         _write_metrics(out, history)
     bar.close()
     final = eqx.combine(ema if cfg.ema_decay > 0 else params, static)
