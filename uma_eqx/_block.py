@@ -93,7 +93,7 @@ class AbstractAtomwise(eqx.Module):
 
     @abc.abstractmethod
     def __call__(self, x: Float[Array, "atoms coeffs channels"]) -> Float[Array, "atoms coeffs channels"]:
-        raise NotImplementedError
+        ...
 
 
 class SpectralAtomwise(AbstractAtomwise):

@@ -137,7 +137,7 @@ class AtomicGraph(eqx.Module):
 
         **Arguments:**
 
-        - `far`: the component of the placeholder vector of masked edges.
+        - `far`: the component of the stand-in vector of masked edges.
 
         **Returns:**
 
@@ -147,8 +147,8 @@ class AtomicGraph(eqx.Module):
         cell = self.cell[self.system_index[target]]
         shift = jnp.einsum("ek,ekd->ed", self.edge_shift.astype(cell.dtype), cell)
         vectors = self.positions[source] - self.positions[target] + shift
-        placeholder = jnp.full_like(vectors, far)
-        return jnp.where(self.edge_mask[:, None], vectors, placeholder)
+        far_vectors = jnp.full_like(vectors, far)
+        return jnp.where(self.edge_mask[:, None], vectors, far_vectors)
 
     @classmethod
     def from_atoms(

@@ -18,7 +18,7 @@ class AbstractEnergyHead(eqx.Module):
     def __call__(
         self, node_features: Float[Array, "atoms coeffs channels"], routing: MoLERouting | None
     ) -> Float[Array, " atoms"]:
-        raise NotImplementedError
+        ...
 
 
 class MLPEnergyHead(AbstractEnergyHead):

@@ -16,7 +16,7 @@ class AbstractChargeSpinEmbedding(eqx.Module):
 
     @abc.abstractmethod
     def __call__(self, value: Int[Array, " systems"]) -> Float[Array, "systems channels"]:
-        raise NotImplementedError
+        ...
 
 
 class TableChargeSpinEmbedding(AbstractChargeSpinEmbedding):

@@ -47,7 +47,7 @@ class AbstractEquivariantNorm(eqx.Module):
 
     @abc.abstractmethod
     def __call__(self, x: Float[Array, "*rows coeffs channels"]) -> Float[Array, "*rows coeffs channels"]:
-        raise NotImplementedError
+        ...
 
 
 class EquivariantRMSNorm(AbstractEquivariantNorm):
