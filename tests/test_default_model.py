@@ -31,5 +31,5 @@ def test_default_model_reproduces_emt():
 def test_default_model_report_is_consistent():
     report = uma_eqx.default_model_report()
     assert report["test"]["structures"] > 100
-    assert 0 < report["test"]["forces_mae_meV_per_A"] < 100
+    assert 0 < report["test"]["forces_mae_meV_per_A"] < 50
     assert report["model"]["num_layers"] == uma_eqx.default_model().config.num_layers
