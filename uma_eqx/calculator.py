@@ -1,8 +1,6 @@
 """ASE calculator: a drop-in for fairchem's `FAIRChemCalculator`."""
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress

@@ -223,12 +223,5 @@ def train(config, no_resume):
     click.echo(f"wrote {cfg.out_dir}/model.eqx, metrics.csv, metrics.json, learning_curve.png")
 
 
-def run():  # pragma: no cover - console entry point
-    try:
-        main(standalone_mode=True)
-    except Exception:
-        raise
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,6 @@
 """Losses and metrics on energy per atom, forces and stress."""
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
