@@ -27,6 +27,7 @@ from .nn import (
     SO2Convolution as SO2Convolution,
     SO3Linear as SO3Linear,
 )
+from ._predict import predict as predict
 from ._io import load as load, read_header as read_header, save as save
 
 

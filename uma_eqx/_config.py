@@ -142,6 +142,16 @@ class UMAConfig:
             raise ValueError(f"unknown task_name {task_name!r}: this model's tasks are {list(self.task_names)}")
         return self.datasets.index(task_name)
 
+    def check_elements(self, atomic_numbers) -> None:
+        """Raise `ValueError` naming any atomic number outside the element table `1..max_num_elements-1`."""
+        limit = self.max_num_elements
+        bad = sorted({int(z) for z in atomic_numbers if not 1 <= int(z) < limit})
+        if bad:
+            raise ValueError(
+                f"atomic number(s) {bad} are outside this model's elements 1..{limit - 1}; remove those atoms "
+                "or use a model that covers them"
+            )
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 

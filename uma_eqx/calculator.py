@@ -7,6 +7,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from ._graph import AtomicGraph
 from ._potential import UMA, energy_forces_stress, merge_experts
+from ._predict import check_atoms_for_model
 
 
 @eqx.filter_jit
@@ -59,16 +60,7 @@ class UMACalculator(Calculator):
         self._merged_model = None
 
     def _check_atoms(self, atoms) -> None:
-        z = atoms.get_atomic_numbers()
-        limit = self.model.config.max_num_elements
-        bad = sorted({int(v) for v in z if not 1 <= v < limit})
-        if bad:
-            raise ValueError(f"atomic number(s) {bad} are outside this model's elements 1..{limit - 1}")
-        if len(atoms) == 1 and not atoms.pbc.any() and not self.model.config.supports_single_atoms:
-            raise ValueError(
-                "a single non-periodic atom: this model does not support isolated atoms (fairchem "
-                "needs tabulated atom references for them); put the atom in a periodic box or use reference energies"
-            )
+        check_atoms_for_model(self.model.config, atoms, "atoms")
 
     def _model_for(self, graph: AtomicGraph, atoms) -> UMA:
         if not self.merge:

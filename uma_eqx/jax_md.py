@@ -1,0 +1,259 @@
+"""JAX-MD integration: UMA energy functions and an in-jit neighbour list in JAX-MD's conventions.
+
+Units are UMA's: energy eV, length Å, mass amu, so JAX-MD's time unit is
+`Å·sqrt(amu/eV) ≈ 10.18 fs` (use [`uma_eqx.jax_md.FEMTOSECOND`][]) and temperatures enter as
+`kT` in eV (use [`uma_eqx.jax_md.BOLTZMANN`][]).
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import ase
+import ase.units
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+from jaxtyping import Array, Float
+
+from ._graph import AtomicGraph
+from ._potential import UMA, merge_experts
+from .neighbors import NeighborList, NeighborListFns
+from .neighbors._jax import DEFAULT_CAPACITY_MULTIPLIER, DEFAULT_SKIN
+
+#: One femtosecond in JAX-MD time units when energies are eV, lengths Å and masses amu
+#: (`ase.units.fs`).
+FEMTOSECOND = float(ase.units.fs)
+#: Boltzmann's constant in eV/K (`ase.units.kB`).
+BOLTZMANN = float(ase.units.kB)
+
+
+def box_from_atoms(atoms: ase.Atoms) -> Float[np.ndarray, "3 3"]:
+    """JAX-MD's `box` for `space.periodic_general`: the lattice vectors as **columns**.
+
+    ASE (and [`uma_eqx.AtomicGraph`][]) store them as rows; JAX-MD maps fractional to
+    Cartesian coordinates with `r = box @ f`, so `box = cell.T`.
+    """
+    return np.asarray(atoms.get_cell(complete=True), dtype=np.float64).T
+
+
+def _cell_from_box(box: ArrayLike) -> Float[Array, "3 3"]:
+    """Lattice vectors as rows from a JAX-MD box (a `(3, 3)` matrix, a `(3,)` or a scalar)."""
+    box = jnp.asarray(box)
+    if box.ndim == 0:
+        return box * jnp.eye(3, dtype=box.dtype)
+    if box.ndim == 1:
+        return jnp.diag(box)
+    return box.T
+
+
+@dataclasses.dataclass(frozen=True)
+class UMANeighborFn:
+    """JAX-MD-style `allocate`/`update` for UMA's neighbour list, in JAX-MD coordinates.
+
+    Wraps a [`uma_eqx.neighbors.NeighborListFns`][]: positions are Cartesian, or fractional
+    when `fractional_coordinates=True` (as `space.periodic_general(...,
+    fractional_coordinates=True)` and `simulate.npt_nose_hoover` use); `box` follows JAX-MD
+    (lattice vectors as columns). Built by [`uma_eqx.jax_md.energy_and_neighbor_fns`][].
+    """
+
+    fns: NeighborListFns
+    box: Any
+    fractional_coordinates: bool
+
+    def _cartesian(self, positions, box):
+        cell = _cell_from_box(self.box if box is None else box).astype(positions.dtype)
+        return (positions @ cell if self.fractional_coordinates else positions), cell
+
+    def allocate(self, positions: Float[Array, "atoms 3"], box=None, extra_capacity: int = 0) -> NeighborList:
+        """Build a list sized for `positions` (host; see `NeighborListFns.allocate`)."""
+        positions = jnp.asarray(positions)
+        if not bool(jnp.all(jnp.isfinite(positions))):
+            bad = int(np.argwhere(~np.isfinite(np.asarray(positions)))[0, 0])
+            raise ValueError(f"position of atom {bad} is not finite; fix the structure before building neighbours.")
+        r, cell = self._cartesian(positions, box)
+        return self.fns.allocate(r, cell, extra_capacity)
+
+    def update(self, positions: Float[Array, "atoms 3"], neighbors: NeighborList, box=None) -> NeighborList:
+        """Rebuild if needed (jit-able; see `NeighborListFns.update`)."""
+        r, cell = self._cartesian(positions, box)
+        return self.fns.update(r, neighbors, cell)
+
+
+def energy_and_neighbor_fns(
+    model: UMA,
+    atoms: ase.Atoms,
+    *,
+    task_name: str,
+    fractional_coordinates: bool = False,
+    skin: float = DEFAULT_SKIN,
+    capacity_multiplier: float = DEFAULT_CAPACITY_MULTIPLIER,
+    merge: bool = True,
+) -> tuple[Callable[..., Float[Array, ""]], UMANeighborFn]:
+    """A JAX-MD energy function of `model` for the atoms of `atoms`, and its neighbour list.
+
+    The composition, charge, spin (from `atoms.info`, fairchem's defaults), periodicity and
+    task are fixed; positions (and, for NPT, the box) vary. The energy function has JAX-MD's
+    signature `energy_fn(R, neighbor=nbrs, box=None, perturbation=None)` and works with
+    `simulate.nve`, `nvt_nose_hoover`, `nvt_langevin`, `npt_nose_hoover` (pass the box, use
+    fractional coordinates), `minimize.fire_descent` and `quantity.stress`/`pressure`. Its
+    graph has exactly the host graph's edges (fairchem's inclusive cutoff), so energies equal
+    [`uma_eqx.energy_forces_stress`][] on `AtomicGraph.from_atoms`.
+
+    **Arguments:**
+
+    - `model`: the model.
+    - `atoms`: the structure that fixes numbers, charge, spin, pbc and the default box.
+    - `task_name`: one of `model.config.task_names`.
+    - `fractional_coordinates`: whether `R` is fractional (JAX-MD's `periodic_general` with
+        `fractional_coordinates=True`) or Cartesian Å.
+    - `skin`: Verlet skin in Å.
+    - `capacity_multiplier`: neighbour-buffer head-room.
+    - `merge`: merge MoLE experts for this fixed composition (faster, same energies up to
+        round-off).
+
+    **Returns:**
+
+    `(energy_fn, neighbor_fn)`.
+
+    **Raises:**
+
+    `ValueError` for an unknown task, elements outside the model, a partly periodic system
+    with `fractional_coordinates=True`, or anything [`uma_eqx.AtomicGraph.from_atoms`][]
+    refuses (empty structure, NaN positions, degenerate cell, bad charge/spin).
+    """
+    cfg = model.config
+    cfg.dataset_index(task_name)  # raises with the list of tasks
+    cfg.check_elements(atoms.get_atomic_numbers())
+    template = AtomicGraph.from_atoms(
+        atoms, cutoff=cfg.cutoff, datasets=cfg.datasets, task_name=task_name,
+        max_neighbors=cfg.max_neighbors, dtype=model.dtype,
+    )
+    pbc = tuple(bool(p) for p in atoms.pbc)
+    if fractional_coordinates and not all(pbc):
+        raise ValueError(f"fractional_coordinates=True needs a periodic system, got pbc={list(pbc)}.")
+    if merge and model.backbone.router is not None:
+        model = merge_experts(model, model.backbone.expert_coefficients(template)[0])
+    fns = NeighborListFns(
+        cutoff=cfg.cutoff, pbc=pbc, skin=skin, capacity_multiplier=capacity_multiplier,
+        max_neighbors=cfg.max_neighbors,
+    )
+    default_box = jnp.asarray(box_from_atoms(atoms), model.dtype)
+    neighbor_fn = UMANeighborFn(fns, default_box, fractional_coordinates)
+    far = cfg.cutoff + 1.0  # fairchem's fake-edge distance (escn_md.py:add_n_empty_edges)
+
+    def energy_fn(R, neighbor: NeighborList, box=None, perturbation=None, **unused) -> Float[Array, ""]:
+        positions, cell = neighbor_fn._cartesian(jnp.asarray(R), box)
+        positions = fns.unwrap(positions, neighbor, cell)  # the images the list was built for
+        graph = AtomicGraph(
+            positions=positions,
+            atomic_numbers=template.atomic_numbers,
+            system_index=template.system_index,
+            edge_index=neighbor.edge_index,
+            edge_shift=neighbor.edge_shift.astype(positions.dtype),
+            cell=cell[None],
+            charge=template.charge,
+            spin=template.spin,
+            dataset_index=template.dataset_index,
+            atom_mask=template.atom_mask,
+            edge_mask=neighbor.edge_mask,
+            system_mask=template.system_mask,
+        )
+        mask, over_cap = fns.graph_mask(neighbor, graph.edge_vectors(far))
+        graph = eqx.tree_at(lambda g: g.edge_mask, graph, mask)
+        strain = None
+        if perturbation is not None:
+            # JAX-MD maps dR -> perturbation @ dR (column vectors); ours is dR_row @ (I + strain).
+            strain = (jnp.asarray(perturbation, positions.dtype).T - jnp.eye(3, dtype=positions.dtype))[None]
+        energy = model(graph, strain=strain)[0]
+        energy = eqx.error_if(
+            energy, over_cap,
+            f"an atom has more than max_neighbors={cfg.max_neighbors} neighbours within the cutoff; "
+            "fairchem then caps its neighbours, which the in-jit list does not do: use UMACalculator",
+        )
+        return eqx.error_if(
+            energy, neighbor.did_buffer_overflow,
+            "neighbour buffer overflowed: reallocate with neighbor_fn.allocate (uma_eqx.jax_md.run does it)",
+        )
+
+    return energy_fn, neighbor_fn
+
+
+def run(
+    step_fn: Callable[[Any, NeighborList], Any],
+    state: Any,
+    neighbors: NeighborList,
+    neighbor_fn: UMANeighborFn,
+    num_steps: int,
+    *,
+    steps_per_chunk: int = 100,
+    observe: Callable[[Any, NeighborList], Any] | None = None,
+    box_fn: Callable[[Any], Array] | None = None,
+    callback: Callable[[int, Any, Any], None] | None = None,
+) -> tuple[Any, NeighborList, list]:
+    """Run `num_steps` MD steps on the device, `steps_per_chunk` at a time under `lax.scan`.
+
+    Each step is `state = step_fn(state, neighbors)` followed by a neighbour-list update. After
+    each chunk the host checks two things: if the neighbour buffer overflowed, the list is
+    reallocated (more capacity) from the chunk's starting positions and the chunk is rerun,
+    so no step ever runs with missing neighbours; if positions became non-finite, it raises
+    `FloatingPointError` naming the chunk, instead of carrying NaNs through the trajectory.
+
+    **Arguments:**
+
+    - `step_fn`: one MD step, e.g. `lambda s, nbrs: apply_fn(s, neighbor=nbrs)`.
+    - `state`: a JAX-MD state with a `position` field.
+    - `neighbors`: from `neighbor_fn.allocate`.
+    - `neighbor_fn`: from [`uma_eqx.jax_md.energy_and_neighbor_fns`][].
+    - `num_steps`: total steps.
+    - `steps_per_chunk`: steps per compiled `lax.scan` (the host checks in between).
+    - `observe`: optional `observe(state, neighbors) -> pytree` recorded every step.
+    - `box_fn`: `box_fn(state) -> box` for variable-cell runs (e.g. `simulate.npt_box`).
+    - `callback`: called as `callback(steps_done, state, observations)` after each chunk.
+
+    **Returns:**
+
+    `(state, neighbors, observations)`: final state and list, and the list of per-chunk
+    stacked observations (empty when `observe` is None).
+    """
+    if num_steps < 0 or steps_per_chunk < 1:
+        raise ValueError(f"need num_steps >= 0 and steps_per_chunk >= 1, got {num_steps}, {steps_per_chunk}.")
+
+    def box_of(s):
+        return None if box_fn is None else box_fn(s)
+
+    @eqx.filter_jit
+    def chunk(s, nbrs, length: int):
+        def body(carry, _):
+            s, nbrs = carry
+            # After an overflow the rest of the chunk is skipped (and rerun after reallocating).
+            s = jax.lax.cond(nbrs.did_buffer_overflow, lambda: s, lambda: step_fn(s, nbrs))
+            nbrs = neighbor_fn.update(s.position, nbrs, box_of(s))
+            out = None if observe is None else observe(s, nbrs)
+            return (s, nbrs), out
+
+        (s, nbrs), outs = jax.lax.scan(body, (s, nbrs), None, length=length)
+        return s, nbrs, outs
+
+    observations, done = [], 0
+    while done < num_steps:
+        length = min(steps_per_chunk, num_steps - done)
+        new_state, new_nbrs, outs = chunk(state, neighbors, length)
+        if bool(new_nbrs.did_buffer_overflow):
+            extra = max(int(math.ceil(neighbors.capacity * (neighbor_fn.fns.capacity_multiplier - 1.0))), 16)
+            neighbors = neighbor_fn.allocate(state.position, box_of(state), extra_capacity=extra)
+            continue
+        if not bool(jnp.all(jnp.isfinite(new_state.position))):
+            raise FloatingPointError(
+                f"positions became NaN/inf between steps {done} and {done + length}; reduce the "
+                "timestep or check the starting structure (overlapping atoms?)."
+            )
+        state, neighbors, done = new_state, new_nbrs, done + length
+        if observe is not None:
+            observations.append(outs)
+        if callback is not None:
+            callback(done, state, outs)
+    return state, neighbors, observations
