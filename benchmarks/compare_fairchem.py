@@ -1,0 +1,874 @@
+"""uma_eqx vs fairchem-core on the same full-size uma-s-1p1 weights, one process per measurement.
+
+    python benchmarks/compare_fairchem.py            # full run (tens of minutes on 2 cores)
+    python benchmarks/compare_fairchem.py --quick    # 64 atoms, 2 repeats: checks the harness
+    python benchmarks/compare_fairchem.py --docs     # also writes docs/performance.md
+
+The driver (this process never imports jax or torch) prepares the weights once, then starts a
+fresh worker process (this file with `--worker ...`) for every (implementation, variant, size):
+so compile caches, allocator pools and peak RSS never leak from one measurement into the next.
+Each worker is pinned to `--threads` CPUs (`os.sched_setaffinity`; XLA and torch size their
+thread pools from the affinity mask) with `OMP/MKL/OPENBLAS_NUM_THREADS=--threads`, and the
+fairchem worker also calls `torch.set_num_threads(--threads)` (`InferenceSettings.torch_num_threads`).
+The driver polls each worker's RSS and kills it above `--mem-limit-gib`.
+
+Weights: a full-size uma-s-1p1 architecture (sphere/hidden/edge 128, lmax 2, mmax 2, 4 layers,
+64 distance basis functions, 32 experts, cutoff 6 Å, max_neighbors 300) with random weights,
+written in fairchem's inference-checkpoint format by `tests/fixtures/make_fixtures.py`
+(`benchmarks/.cache/uma_s_1p1_full.pt`), converted once with `uma_eqx.load_fairchem_checkpoint`
+to `benchmarks/.cache/uma_s_1p1_full.eqx`. Without fairchem-core installed, everything
+fairchem-side is skipped and uma_eqx runs a randomly initialised model of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / ".cache"
+FULL_PT = "uma_s_1p1_full.pt"
+FULL_EQX = "uma_s_1p1_full.eqx"
+RANDOM_EQX = "uma_s_1p1_full_random_init.eqx"  # uma_eqx-only mode (no fairchem)
+TASK = "omat"
+DOCS_ASSETS = "assets/performance"
+
+# Full size of the published uma-s-1p1 (shared/reference notes; fairchem's uma_sm_1p1 config).
+FULL_SIZE = dict(channels=128, lmax=2, mmax=2, num_layers=4, num_experts=32, num_distance_basis=64)
+FULL_CONFIG = {
+    "sphere_channels": 128, "hidden_channels": 128, "edge_channels": 128, "lmax": 2, "mmax": 2,
+    "num_layers": 4, "num_distance_basis": 64, "cutoff": 6.0,
+    "datasets": ["oc20", "odac", "omat", "omc", "omol"],
+    "dataset_embedding_names": ["oc20", "odac", "omat", "omc", "omol"],
+    "num_experts": 32, "use_composition_embedding": True, "head_dataset_experts": [0, 1, 2, 3, 4],
+    "num_head_experts": 5, "charge_spin_embedding_trainable": True, "dataset_embedding_trainable": True,
+    "model_id": "UMA-1.1", "model_version": 1.1,
+}  # fmt: skip
+
+
+def have_fairchem() -> bool:
+    return importlib.util.find_spec("fairchem") is not None and importlib.util.find_spec("fairchem.core") is not None
+
+
+# ========================================================================================
+# workers (each runs in its own process)
+# ========================================================================================
+
+
+def _emit(result_path: str, payload) -> None:
+    Path(result_path).write_text(json.dumps(payload))
+
+
+def worker_build(job: dict) -> dict:
+    """Write the full-size random-weight checkpoint in fairchem's format."""
+    sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+    import make_fixtures as mf
+
+    t0 = time.perf_counter()
+    size = dict(FULL_SIZE)
+    cfg = mf.config_uma_s_1p1(size.pop("channels"), size.pop("lmax"), size.pop("mmax"), **size)
+    mf.write_checkpoint(Path(job["pt"]), cfg, mf.uma_tasks(mf.DS_1P1, seed=100), 11)
+    return {"build_s": time.perf_counter() - t0}
+
+
+def worker_convert(job: dict) -> dict:
+    import uma_eqx
+
+    t0 = time.perf_counter()
+    model = uma_eqx.load_fairchem_checkpoint(job["pt"])
+    convert_s = time.perf_counter() - t0
+    uma_eqx.save(job["eqx"], model)
+    return {"convert_s": convert_s, "save_s": time.perf_counter() - t0 - convert_s}
+
+
+def worker_random_init(job: dict) -> dict:
+    import jax
+
+    import uma_eqx
+
+    model = uma_eqx.UMA(uma_eqx.UMAConfig.from_json(json.dumps(FULL_CONFIG)), key=jax.random.key(0))
+    uma_eqx.save(job["eqx"], model)
+    return {}
+
+
+def worker_peak(job: dict) -> dict:
+    import time as _t
+
+    import numpy as np
+
+    from uma_eqx._bench import matmul_peak_flops
+
+    n = job.get("n", 2048)
+    x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    x @ x
+    best = math.inf
+    for _ in range(5):
+        t0 = _t.perf_counter()
+        x @ x
+        best = min(best, _t.perf_counter() - t0)
+    return {"jax_matmul_flops": matmul_peak_flops(n), "numpy_matmul_flops": 2.0 * n**3 / best, "n": n}
+
+
+def worker_eqx(job: dict) -> list[dict]:
+    import uma_eqx
+    from uma_eqx import _bench
+
+    model = uma_eqx.load(job["eqx"])
+    after_load = _bench.peak_rss_mib()
+    if job["mode"] == "batch":
+        systems = _bench.mixed_systems(job["batch"], job["batch_atoms"])
+        rows = [
+            _bench.benchmark_uma_eqx_batch(model, systems, repeats=job["repeats"], task_name=TASK, warmup=job["warmup"])
+        ]
+    else:
+        rows = _bench.benchmark_uma_eqx(
+            model,
+            [job["atoms"]],
+            merged=job["merged"],
+            repeats=job["repeats"],
+            task_name=TASK,
+            mode=job["mode"],
+            stress=job["stress"],
+            warmup=job["warmup"],
+        )
+    for r in rows:
+        r["rss_after_load_mib"] = after_load
+    return rows
+
+
+def _bench_without_jax():
+    """`uma_eqx/_bench.py` loaded from its file without importing the `uma_eqx` package (so no jax).
+
+    Its structure and timing helpers need only numpy and ase; importing jax would add ~120 MiB
+    to the fairchem worker's peak RSS.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("uma_eqx")  # locates the package without executing it
+    path = Path(next(iter(spec.submodule_search_locations))) / "_bench.py"
+    bench_spec = importlib.util.spec_from_file_location("_uma_eqx_bench_standalone", path)
+    module = importlib.util.module_from_spec(bench_spec)
+    bench_spec.loader.exec_module(module)
+    return module
+
+
+def _fairchem_unit(job: dict):
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    import torch
+    from fairchem.core.units.mlip_unit import load_predict_unit
+    from fairchem.core.units.mlip_unit.api.inference import InferenceSettings
+
+    torch.set_num_threads(job["threads"])
+    settings = InferenceSettings(
+        tf32=False,
+        activation_checkpointing=False,
+        merge_mole=job["merged"],
+        compile=job.get("compile", False),
+        external_graph_gen=False,
+        internal_graph_gen_version=2,
+        torch_num_threads=job["threads"],
+        base_precision_dtype=torch.float32,
+    )
+    return load_predict_unit(job["pt"], inference_settings=settings, device="cpu")
+
+
+def worker_fairchem(job: dict) -> list[dict]:
+    import statistics
+
+    import torch
+
+    _bench = _bench_without_jax()
+    unit = _fairchem_unit(job)
+    after_load = _bench.peak_rss_mib()
+    variant = ("calculator " if job["mode"] == "calculator" else "") + ("merged" if job["merged"] else "unmerged")
+    if job.get("compile"):
+        variant += " compiled"
+
+    if job["mode"] == "batch":
+        from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
+
+        systems = _bench.mixed_systems(job["batch"], job["batch_atoms"])
+        data = []
+        for atoms in systems:
+            atoms.info.update(charge=0, spin=0)
+            data.append(
+                AtomicData.from_ase(
+                    atoms, task_name=TASK, r_edges=False, r_data_keys=["spin", "charge"],
+                    max_neigh=None, radius=6.0, target_dtype=torch.float32,
+                )
+            )  # fmt: skip
+        batch = atomicdata_list_to_batch(data)
+
+        def call(step):
+            pred = unit.predict(batch)
+            return [float(e) for e in pred["energy"].detach().numpy()]
+
+        variant = f"batch of {len(systems)} unmerged"
+        atoms_total, edges = sum(len(s) for s in systems), None
+    else:
+        from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
+
+        calc = FAIRChemCalculator(unit, task_name=TASK)
+        base = _bench.cu_fcc(job["atoms"])
+        atoms_total, edges = job["atoms"], None
+
+        def call(step):
+            atoms = _bench.rattled(base, step)
+            atoms.calc = calc
+            energy = atoms.get_potential_energy()
+            atoms.get_forces()
+            atoms.get_stress()  # computed in the same call anyway (fairchem always regresses it)
+            return energy
+
+    compile_s, times, energy, last_step = _bench._time_calls(call, 0, job["warmup"], job["repeats"])
+    return [
+        {
+            "impl": "fairchem",
+            "variant": variant,
+            "mode": job["mode"],
+            "merged": job["merged"],
+            "stress": True,
+            "atoms": atoms_total,
+            "edges": edges,
+            "systems": job.get("batch", 1) if job["mode"] == "batch" else 1,
+            "compile_s": compile_s,
+            "best_s": min(times),
+            "median_s": statistics.median(times),
+            "times_s": times,
+            "repeats": job["repeats"],
+            "energy": energy,
+            "last_step": None if job["mode"] == "batch" else last_step,
+            "flops": None,
+            "peak_rss_mib": _bench.peak_rss_mib(),
+            "rss_after_load_mib": after_load,
+        }
+    ]
+
+
+WORKERS = {
+    "build": worker_build,
+    "convert": worker_convert,
+    "random_init": worker_random_init,
+    "peak": worker_peak,
+    "eqx": worker_eqx,
+    "fairchem": worker_fairchem,
+}
+
+
+# ========================================================================================
+# driver
+# ========================================================================================
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_worker(kind: str, job: dict, args, label: str) -> tuple[object, str | None, float]:
+    """Run one worker process; returns (payload, error, wall seconds)."""
+    fd, result = tempfile.mkstemp(prefix="uma_bench_", suffix=".json")
+    os.close(fd)
+    env = dict(os.environ)
+    threads = str(args.threads)
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, JAX_PLATFORMS="cpu")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cpus = sorted(os.sched_getaffinity(0))[: args.threads] if hasattr(os, "sched_getaffinity") else None
+
+    def pin():
+        os.setsid()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--job",
+        json.dumps(job),
+        "--result",
+        result,
+    ]
+    t0 = time.perf_counter()
+    log = open(Path(result).with_suffix(".log"), "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+    error, peak_seen = None, 0.0
+    limit_mib = args.mem_limit_gib * 1024
+    while proc.poll() is None:
+        rss = _rss_mib(proc.pid)
+        peak_seen = max(peak_seen, rss)
+        if rss > limit_mib:
+            error = f"killed: RSS over {args.mem_limit_gib:g} GiB"
+        elif time.perf_counter() - t0 > args.job_timeout:
+            error = f"killed: over {args.job_timeout:.0f} s"
+        if error:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            break
+        time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    log.close()
+    logtext = Path(result).with_suffix(".log").read_text()
+    Path(result).with_suffix(".log").unlink()
+    payload = None
+    if error is None:
+        if proc.returncode != 0:
+            tail = "\n".join(logtext.strip().splitlines()[-15:])
+            error = f"worker failed (exit {proc.returncode}): {tail}"
+        else:
+            payload = json.loads(Path(result).read_text())
+    Path(result).unlink(missing_ok=True)
+    status = "ok" if error is None else error.splitlines()[0] + (" ..." if "\n" in error else "")
+    print(f"  [{wall:7.1f} s] {label}: {status}", flush=True)
+    if error and args.verbose:
+        print(error)
+    return payload, error, wall
+
+
+def prepare_weights(args, fairchem: bool) -> dict:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    info = {}
+    if fairchem:
+        pt, eqx = CACHE / FULL_PT, CACHE / FULL_EQX
+        if not pt.exists():
+            print("building the full-size random-weight fairchem checkpoint ...")
+            payload, error, _ = run_worker("build", {"pt": str(pt)}, args, "build checkpoint")
+            if error:
+                raise SystemExit(error)
+            info.update(payload)
+        if not eqx.exists() or eqx.stat().st_mtime < pt.stat().st_mtime:
+            payload, error, _ = run_worker("convert", {"pt": str(pt), "eqx": str(eqx)}, args, "convert to .eqx")
+            if error:
+                raise SystemExit(error)
+            info.update(payload)
+            (CACHE / "convert.json").write_text(json.dumps(payload))
+        elif (CACHE / "convert.json").exists():
+            info.update(json.loads((CACHE / "convert.json").read_text()))
+        info.update(pt=str(pt), eqx=str(eqx), pt_mib=pt.stat().st_size / 2**20, eqx_mib=eqx.stat().st_size / 2**20)
+    else:
+        eqx = CACHE / RANDOM_EQX
+        if not eqx.exists():
+            payload, error, _ = run_worker("random_init", {"eqx": str(eqx)}, args, "random-init uma_eqx model")
+            if error:
+                raise SystemExit(error)
+        info.update(pt=None, eqx=str(eqx), eqx_mib=eqx.stat().st_size / 2**20)
+    return info
+
+
+def plan(args, fairchem: bool, weights: dict) -> list[tuple[str, dict, str]]:
+    """(worker kind, job, label) for every measurement."""
+    common = {"eqx": weights["eqx"], "pt": weights["pt"], "threads": args.threads, "warmup": args.warmup}
+    jobs = []
+
+    def eqx_job(atoms, mode, merged, stress=False, repeats=None, warmup=None):
+        job = dict(common, atoms=atoms, mode=mode, merged=merged, stress=stress, repeats=repeats or args.repeats)
+        if warmup is not None:
+            job["warmup"] = warmup
+        label = f"uma_eqx {mode} {'merged' if merged else 'unmerged'}{' +stress' if stress else ''} {atoms} atoms"
+        jobs.append(("eqx", job, label))
+
+    def fc_job(atoms, merged, compile_=False, repeats=None, warmup=None):
+        if not fairchem:
+            return
+        job = dict(
+            common, atoms=atoms, mode="calculator", merged=merged, compile=compile_, repeats=repeats or args.repeats
+        )
+        if warmup is not None:
+            job["warmup"] = warmup
+        label = (
+            f"fairchem calculator {'merged' if merged else 'unmerged'}{' compiled' if compile_ else ''} {atoms} atoms"
+        )
+        jobs.append(("fairchem", job, label))
+
+    for n in args.sizes:
+        eqx_job(n, "calculator", True)
+        fc_job(n, True)
+        eqx_job(n, "calculator", False)
+        fc_job(n, False)
+        eqx_job(n, "raw", True)
+        if args.compile:
+            fc_job(n, True, compile_=True)
+    eqx_job(args.stress_size, "raw", True, stress=True)
+    if args.batch:
+        batch = dict(
+            common, mode="batch", merged=False, stress=False, repeats=args.repeats, batch=args.batch, batch_atoms=32
+        )
+        jobs.append(("eqx", batch, f"uma_eqx batch of {args.batch} x 32 atoms"))
+        if fairchem:
+            jobs.append(("fairchem", dict(batch), f"fairchem batch of {args.batch} x 32 atoms"))
+    for n in args.big:
+        eqx_job(n, "calculator", True, repeats=1, warmup=0)
+        fc_job(n, True, repeats=1, warmup=0)
+    return jobs
+
+
+def find_max(args, fairchem: bool, weights: dict, start: int, results: list) -> None:
+    """Double the size (merged calculator, one timed call) until a worker dies or passes the memory limit."""
+    common = {"eqx": weights["eqx"], "pt": weights["pt"], "threads": args.threads, "warmup": 0, "repeats": 1}
+    impls = [("eqx", "uma_eqx")] + ([("fairchem", "fairchem")] if fairchem else [])
+    for kind, name in impls:
+        n = start
+        while True:
+            n *= 2
+            job = dict(common, atoms=n, mode="calculator", merged=True, stress=False)
+            payload, error, wall = run_worker(kind, job, args, f"{name} calculator merged {n} atoms (find max)")
+            if error:
+                results.append(
+                    {"impl": name, "variant": "calculator merged", "atoms": n, "error": error.splitlines()[0]}
+                )
+                break
+            for r in payload:
+                r["kind"] = "find_max"
+                r["wall_s"] = wall
+            results.extend(payload)
+
+
+# ----------------------------------------------------------------------------------------
+# reporting
+# ----------------------------------------------------------------------------------------
+
+# (label, fairchem variant, uma_eqx variant, fairchem mode, uma_eqx mode)
+PAIRS = [
+    ("E+F, ASE calculator, merged MoLE", "calculator merged", "calculator merged"),
+    ("E+F, ASE calculator, unmerged", "calculator unmerged", "calculator unmerged"),
+    ("E+F, uma_eqx raw jit (prebuilt graph) vs fairchem calculator, merged", "calculator merged", "raw merged"),
+    ("E+F+S, uma_eqx raw jit vs fairchem calculator, merged", "calculator merged", "raw merged +stress"),
+    ("E+F, fairchem torch.compile vs uma_eqx calculator, merged", "calculator merged compiled", "calculator merged"),
+    ("E+F, batch of 8 x 32 atoms (mixed compositions), unmerged", "batch of 8 unmerged", "batch of 8 unmerged"),
+]
+
+
+def _ok(rows):
+    return [r for r in rows if not r.get("error")]
+
+
+def _find(rows, impl, variant, atoms):
+    for r in _ok(rows):
+        if r["impl"] == impl and r["variant"] == variant and r["atoms"] == atoms:
+            return r
+    return None
+
+
+def _t(s):
+    if s is None:
+        return "–"
+    return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _energy_check(f: dict, e: dict) -> str:
+    """Max |E_fairchem - E_uma_eqx| per atom of the last timed call, when both timed the same structures."""
+    if f["mode"] != e["mode"] or f.get("last_step") != e.get("last_step"):
+        return "–"
+    fe, ee = f["energy"], e["energy"]
+    fe, ee = (fe, ee) if isinstance(fe, list) else ([fe], [ee])
+    return f"{max(abs(a - b) for a, b in zip(fe, ee)) / (f['atoms'] / f['systems']):.1e}"
+
+
+def comparison_table(rows) -> str:
+    head = (
+        "| workload | atoms | fairchem best | uma_eqx best | speed-up (fairchem / uma_eqx) | fairchem median "
+        "| uma_eqx median | first call fairchem / uma_eqx | peak RSS fairchem / uma_eqx (MiB) | max abs ΔE/atom (eV) |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, fv, ev in PAIRS:
+        sizes = sorted({r["atoms"] for r in _ok(rows) if r["impl"] == "uma_eqx" and r["variant"] == ev})
+        for n in sizes:
+            f, e = _find(rows, "fairchem", fv, n), _find(rows, "uma_eqx", ev, n)
+            if f is None or e is None:
+                continue
+            lines.append(
+                f"| {label} | {n} | {_t(f['best_s'])} | {_t(e['best_s'])} | **{f['best_s'] / e['best_s']:.2f}×** "
+                f"| {_t(f['median_s'])} | {_t(e['median_s'])} | {_t(f['compile_s'])} / {_t(e['compile_s'])} "
+                f"| {f['peak_rss_mib']:.0f} / {e['peak_rss_mib']:.0f} | {_energy_check(f, e)} |"
+            )
+    return "\n".join(lines)
+
+
+def _attach_flops(rows) -> None:
+    """Single-system fairchem rows get the FLOP count XLA reports for the same model and structure.
+
+    Not batches: uma_eqx's unmerged MoLE on a multi-system batch evaluates every row against
+    every system's mixed weights (`nn/_linear.py`), so its count is ~systems times the
+    useful work and would overstate fairchem's rate.
+    """
+    for r in _ok(rows):
+        if r["impl"] != "fairchem" or r.get("flops") or r["mode"] == "batch":
+            continue
+        ev = "calculator merged" if r["merged"] else "calculator unmerged"
+        e = _find(rows, "uma_eqx", ev, r["atoms"])
+        if e is not None:
+            r["flops"] = e.get("flops")
+            r["edges"] = r.get("edges") or e.get("edges")
+
+
+def _slope(xs, ys):
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return None if sxx == 0 else sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+def series(rows):
+    """(impl, variant) -> rows sorted by atoms, for single-system calculator/raw variants."""
+    out = {}
+    for r in _ok(rows):
+        if r["mode"] == "batch":
+            continue
+        out.setdefault((r["impl"], r["variant"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["atoms"]) for k, v in out.items()}
+
+
+def scaling_table(rows) -> str:
+    lines = [
+        "| implementation | variant | sizes | time exponent | peak-RSS exponent | exponent of RSS growth over the loaded model |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (impl, variant), rs in series(rows).items():
+        if len(rs) < 2:
+            continue
+        xs = [r["atoms"] for r in rs]
+        t = _slope(xs, [r["best_s"] for r in rs])
+        m = _slope(xs, [r["peak_rss_mib"] for r in rs])
+        g = _slope(xs, [r["peak_rss_mib"] - r.get("rss_after_load_mib", 0.0) for r in rs])
+        fmt = lambda v: "–" if v is None else f"{v:.2f}"
+        lines.append(f"| {impl} | {variant} | {xs[0]}–{xs[-1]} | {fmt(t)} | {fmt(m)} | {fmt(g)} |")
+    return "\n".join(lines)
+
+
+def plots(rows, outdir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, ylabel, fname in (
+        ("best_s", "time per energy+forces call (s, best)", "time_vs_atoms.png"),
+        ("peak_rss_mib", "peak RSS of the process (MiB)", "memory_vs_atoms.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        for (impl, variant), rs in sorted(series(rows).items()):
+            style = "-" if impl == "uma_eqx" else "--"
+            marker = "o" if "merged" in variant and "unmerged" not in variant else "s"
+            ax.plot([r["atoms"] for r in rs], [r[key] for r in rs], style, marker=marker, label=f"{impl}: {variant}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("atoms (fcc Cu, periodic)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = outdir / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("uma_eqx", "jax", "jaxlib", "equinox", "numpy", "torch", "fairchem-core", "ase"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    git = {}
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        git = {
+            "commit": run("rev-parse", "HEAD").strip(),
+            "dirty": bool(run("status", "--porcelain", "--untracked-files=no").strip()),
+        }
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": mem,
+        "platform": platform.platform(),
+        "versions": versions,
+        "git": git,
+    }
+
+
+def report_markdown(results: dict, img_prefix: str | None) -> str:
+    rows = results["rows"]
+    m = results["machine"]
+    peak = results.get("peak") or {}
+    w = results["weights"]
+    from uma_eqx._bench import format_table
+
+    lines = []
+    add = lines.append
+    add(f"Measured {results['date']} on **{m['cpu']}**, {results['args']['threads']} threads "
+        f"(of {m['logical_cpus']} logical CPUs), {m['memory_gib']:.0f} GiB RAM, float32.")  # fmt: skip
+    add("")
+    git = m.get("git") or {}
+    add("Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+        + (f"; uma_eqx commit `{git['commit'][:10]}`" + (" with local changes" if git.get("dirty") else "") if git else "")
+        + ".")  # fmt: skip
+    add("")
+    if peak:
+        add(f"Matmul peak on these threads (float32, {peak['n']}×{peak['n']}): "
+            f"{peak['jax_matmul_flops'] / 1e9:.0f} GFLOP/s (JAX), {peak['numpy_matmul_flops'] / 1e9:.0f} GFLOP/s (numpy).")  # fmt: skip
+        add("")
+    if w.get("pt"):
+        add(f"Weights: full-size uma-s-1p1 architecture with random weights "
+            f"({w['pt_mib']:.0f} MiB fairchem checkpoint, {w['eqx_mib']:.0f} MiB `.eqx`)"
+            + (f"; conversion with `uma_eqx.load_fairchem_checkpoint` took {w['convert_s']:.1f} s." if w.get("convert_s") else "."))  # fmt: skip
+    else:
+        add("fairchem-core is not installed: uma_eqx only, randomly initialised full-size model.")
+    add("")
+    if results["fairchem"]:
+        add("### Speed-up")
+        add("")
+        add("Ratios are fairchem time / uma_eqx time (above 1: uma_eqx is faster), best of the timed repeats. "
+            "The last column compares the energies of the last timed call where both timed the same structures "
+            "(a check that both ran the same model). Peak RSS includes loading the weights: fairchem's "
+            "`load_predict_unit` reads the whole checkpoint (training and EMA weights), uma_eqx the `.eqx` file.")  # fmt: skip
+        add("")
+        add(comparison_table(rows))
+        add("")
+    add("### All measurements")
+    add("")
+    fmt_peak = peak.get("jax_matmul_flops")
+    add(format_table(rows, peak_flops=fmt_peak))
+    add("")
+    add("GFLOP/s: XLA's FLOP count of the jitted energy+forces(+stress) call on the unpadded graph "
+        "(`cost_analysis()['flops']`), divided by the best time; single-system fairchem rows use the same count "
+        "(same model, same structure). The uma_eqx batch row counts what uma_eqx executes: its unmerged "
+        "multi-system MoLE evaluates every edge against every system's mixed weights (padded system included), "
+        "several times the work of a per-system evaluation, so it is not given to the fairchem batch row.")  # fmt: skip
+    add("")
+    scal = scaling_table(rows)
+    if scal.count("\n") > 1:
+        add("### Scaling (log-log slope, 64 atoms to the largest size)")
+        add("")
+        add(scal)
+        add("")
+    if img_prefix is not None:
+        add(f"![time per call vs atoms]({img_prefix}/time_vs_atoms.png)")
+        add("")
+        add(f"![peak memory vs atoms]({img_prefix}/memory_vs_atoms.png)")
+        add("")
+    return "\n".join(lines)
+
+
+DOC_HEAD = """# Performance
+
+uma_eqx against fairchem-core {fc} on the **same weights** (a full-size uma-s-1p1 architecture:
+sphere/hidden/edge channels 128, lmax 2, mmax 2, 4 layers, 64 distance basis functions,
+32 experts; random weights written in fairchem's checkpoint format and converted with
+`uma_eqx.load_fairchem_checkpoint`), in the same run, on the CPU, float32.
+
+How it was measured (`benchmarks/compare_fairchem.py`; reproduce with the command at the end):
+
+- every (implementation, variant, size) runs in a **fresh process** pinned to the same number
+  of CPU threads (`sched_setaffinity`, `OMP/MKL_NUM_THREADS`, and `torch.set_num_threads` for
+  fairchem); its peak RSS is `ru_maxrss` of that process (model weights included);
+- structures are fcc Cu crystals (periodic, seeded rattle of 0.05 Å); in calculator
+  measurements the positions are **rattled again every call** (0.01 Å) so neighbour-list
+  building, padding and host/device transfers count;
+- "first call" is the first energy+forces call (tracing and compilation for uma_eqx, lazy
+  initialisation and the MoLE merge for both); then one warm-up call; "best"/"median" are over
+  the timed repeats;
+- **ASE calculator**: `uma_eqx.calculator.UMACalculator(model, task_name="omat", merge_experts=...)`
+  vs `FAIRChemCalculator(load_predict_unit(path, inference_settings=...), task_name="omat")` with
+  `InferenceSettings(merge_mole=..., compile=False, activation_checkpointing=False, tf32=False,
+  internal_graph_gen_version=2)`. Both calculators compute energy, forces **and stress** in every
+  call (fairchem always regresses the stress of this model);
+- **raw jit**: `eqx.filter_jit(uma_eqx.energy_forces_stress)` on a graph built once (no
+  neighbour list in the loop);
+- **batch**: 8 different 32-atom systems (mixed compositions, so experts are not merged):
+  one padded `AtomicGraph.from_atoms(list, pad=True)` for uma_eqx, and
+  `predict_unit.predict(atomicdata_list_to_batch([...]))` for fairchem (which rebuilds its
+  graph inside every call).
+
+"""
+
+
+def write_docs(results: dict, outdir: Path) -> Path:
+    docs = ROOT / "docs"
+    assets = docs / DOCS_ASSETS
+    assets.mkdir(parents=True, exist_ok=True)
+    for name in ("time_vs_atoms.png", "memory_vs_atoms.png"):
+        if (outdir / name).exists():
+            shutil.copyfile(outdir / name, assets / name)
+    (assets / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    fc = results["machine"]["versions"].get("fairchem-core") or "(not installed)"
+    body = report_markdown(results, DOCS_ASSETS)
+    text = DOC_HEAD.format(fc=fc)
+    if results["args"].get("quick"):
+        text += (
+            '!!! warning "Harness check, not a measurement"\n\n'
+            "    These numbers come from a `--quick` run (one size, two repeats), possibly on a busy machine; "
+            "rerun the command below on a quiet machine for the real comparison.\n\n"
+        )
+    text += "## Results\n\n" + body
+    text += (
+        "\nRaw results: [results.json](" + DOCS_ASSETS + "/results.json).\n\n"
+        "## Reproduce\n\n```bash\n" + results["command"] + "\n```\n\n"
+        "Timings depend on the machine and on whatever else runs on it; compare ratios, not absolute times.\n"
+    )
+    path = docs / "performance.md"
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    p.add_argument("--sizes", type=ints, default=[64, 128, 256, 512], help="atoms per fcc Cu system (comma separated)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first one")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for every worker")
+    p.add_argument(
+        "--stress-size", type=int, default=None, help="size of the E+F+S measurement (default 256 or the largest)"
+    )
+    p.add_argument("--batch", type=int, default=8, help="systems in the batched measurement (0: skip)")
+    p.add_argument("--big", type=ints, default=[2048], help="sizes measured with one call each (memory); '' to skip")
+    p.add_argument(
+        "--find-max", action="store_true", help="double the size from the largest until over --mem-limit-gib"
+    )
+    p.add_argument("--mem-limit-gib", type=float, default=16.0, help="kill a worker whose RSS exceeds this")
+    p.add_argument("--job-timeout", type=float, default=3600.0, help="kill a worker after this many seconds")
+    p.add_argument("--compile", action="store_true", help="also time fairchem with torch.compile (minutes per size)")
+    p.add_argument("--no-fairchem", action="store_true", help="uma_eqx only, even if fairchem-core is installed")
+    p.add_argument("--quick", action="store_true", help="harness check: --sizes 64 --repeats 2 --big '' ")
+    p.add_argument(
+        "--docs", action="store_true", help="write docs/performance.md and its plots/JSON under docs/" + DOCS_ASSETS
+    )
+    p.add_argument("--out", type=Path, default=HERE / "results", help="directory for results.json, results.md, plots")
+    p.add_argument("--from-json", type=Path, help="only re-render tables/plots/docs from a saved results.json")
+    p.add_argument("--verbose", action="store_true", help="print worker logs on failure")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats, args.big = [64], 2, []
+    if args.stress_size is None:
+        args.stress_size = 256 if 256 in args.sizes else max(args.sizes)
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        _emit(args.result, WORKERS[args.worker](json.loads(args.job)))
+        return 0
+
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        _attach_flops(results["rows"])
+        return write_outputs(results, args)
+
+    fairchem = have_fairchem() and not args.no_fairchem
+    if not fairchem:
+        print("fairchem-core is not installed (or --no-fairchem): skipping every fairchem measurement; uma_eqx only.")
+    t_start = time.time()
+    weights = prepare_weights(args, fairchem)
+    print(f"weights: {weights['eqx']}")
+    peak, error, _ = run_worker("peak", {"n": 2048}, args, "matmul peak")
+    results = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/compare_fairchem.py " + " ".join(a for a in argv if a != "--docs") + " --docs"
+        if "--docs" in argv
+        else "python benchmarks/compare_fairchem.py " + " ".join(argv),
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("worker", "job", "result")
+        },
+        "machine": machine(),
+        "fairchem": fairchem,
+        "weights": weights,
+        "peak": peak,
+        "rows": [],
+    }
+    results["command"] = results["command"].strip()
+    jobs = plan(args, fairchem, weights)
+    print(f"{len(jobs)} measurements, one process each:")
+    for kind, job, label in jobs:
+        payload, error, wall = run_worker(kind, job, args, label)
+        if error:
+            impl = "uma_eqx" if kind == "eqx" else "fairchem"
+            results["rows"].append(
+                {"impl": impl, "variant": label, "atoms": job.get("atoms"), "error": error.splitlines()[0]}
+            )
+            continue
+        for r in payload:
+            r["wall_s"] = wall
+        results["rows"].extend(payload)
+    if args.find_max:
+        start = max([n for n in args.big + args.sizes])
+        find_max(args, fairchem, weights, start, results["rows"])
+    _attach_flops(results["rows"])
+    results["total_s"] = time.time() - t_start
+    return write_outputs(results, args)
+
+
+def write_outputs(results: dict, args) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plots(results["rows"], args.out)
+    md = report_markdown(results, ".")
+    (args.out / "results.md").write_text(md + "\n")
+    print()
+    print(md)
+    print(f"\nwritten: {args.out}/results.json, results.md, time_vs_atoms.png, memory_vs_atoms.png")
+    if args.docs:
+        print(f"written: {write_docs(results, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""`uma_eqx._bench`: row structure, and the timed energies reproduce a direct call (no timing checks)."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+import uma_eqx
+from uma_eqx import _bench
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+KEYS = {
+    "impl", "variant", "mode", "merged", "stress", "atoms", "edges", "systems", "compile_s", "best_s",
+    "median_s", "times_s", "repeats", "energy", "last_step", "flops", "peak_rss_mib",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    return uma_eqx.load(FIXTURES / "uma_s_1p1.eqx")
+
+
+def _direct(model, atoms, merged):
+    graph = _bench._graph(atoms, model, "omat", pad=False)
+    if merged:
+        model = _bench.merged_model(model, graph)
+    return uma_eqx.energy_forces_stress(model, graph)
+
+
+def test_structures_are_deterministic():
+    for n in (4, 6, 32, 64):
+        atoms = _bench.cu_fcc(n)
+        assert len(atoms) == n and atoms.pbc.all()
+        assert np.array_equal(atoms.positions, _bench.cu_fcc(n).positions)
+    a, b = _bench.rattled(_bench.cu_fcc(8), 3), _bench.rattled(_bench.cu_fcc(8), 3)
+    assert np.array_equal(a.positions, b.positions)
+    assert not np.array_equal(a.positions, _bench.rattled(_bench.cu_fcc(8), 4).positions)
+    systems = _bench.mixed_systems(8, 32)
+    assert [len(s) for s in systems] == [32] * 8
+    assert len({tuple(s.get_atomic_numbers()) for s in systems}) == 8
+
+
+# one size per case and XLA's FLOP count in one case only: every size and the count compile anew
+@pytest.mark.parametrize("mode,merged,sizes,flops", [("raw", True, [8], True), ("calculator", True, [8], False)])
+def test_benchmark_rows(model, mode, merged, sizes, flops):
+    rows = _bench.benchmark_uma_eqx(model, sizes, merged=merged, repeats=1, task_name="omat", mode=mode, flops=flops)
+    assert [r["atoms"] for r in rows] == sizes
+    for r in rows:
+        assert KEYS <= set(r)
+        assert r["impl"] == "uma_eqx" and r["mode"] == mode and r["merged"] is merged
+        assert len(r["times_s"]) == 1 and r["best_s"] == r["median_s"] == r["times_s"][0] > 0
+        assert (r["flops"] is not None and r["flops"] > 0) if flops else r["flops"] is None
+        assert r["peak_rss_mib"] > 0 and r["edges"] > 0
+        base = _bench.cu_fcc(r["atoms"])
+        atoms = base if r["last_step"] is None else _bench.rattled(base, r["last_step"])
+        assert (r["last_step"] is None) == (mode == "raw")
+        # oracle: the unmerged model on the unpadded graph (merging changes only round-off)
+        expected = float(_direct(model, atoms, merged=False)["energy"][0])
+        np.testing.assert_allclose(r["energy"], expected, rtol=1e-5, atol=1e-5)
+    table = _bench.format_table(rows, peak_flops=1e11)
+    assert table.count("\n") == 1 + len(rows) and "| uma_eqx |" in table
+
+
+def test_benchmark_batch(model):
+    systems = _bench.mixed_systems(2, 4)
+    row = _bench.benchmark_uma_eqx_batch(model, systems, repeats=1, task_name="omat", warmup=0, flops=False)
+    assert KEYS <= set(row) and row["systems"] == 2 and row["atoms"] == 8
+    graph = uma_eqx.AtomicGraph.from_atoms(systems, cutoff=6.0, datasets=model.config.datasets, task_name="omat")
+    expected = uma_eqx.energy_forces_stress(model, graph)["energy"]
+    np.testing.assert_allclose(row["energy"], np.asarray(expected), rtol=2e-6, atol=1e-5)
+
+
+def test_rejects_bad_arguments(model):
+    with pytest.raises(ValueError, match="mode"):
+        _bench.benchmark_uma_eqx(model, [4], merged=False, repeats=1, mode="fast")
+    with pytest.raises(ValueError, match="repeats"):
+        _bench.benchmark_uma_eqx(model, [4], merged=False, repeats=0)
