@@ -82,7 +82,7 @@ def test_bad_input(model64):
         ujmd.energy_and_neighbor_fns(model64, atoms, task_name="nope")
     bad = atoms.copy()
     bad.numbers[0] = 0
-    with pytest.raises(ValueError, match=r"atomic number\(s\) \[0\]"):
+    with pytest.raises(ValueError, match=r"atomic number\(s\) 0 \(X\)"):
         ujmd.energy_and_neighbor_fns(model64, bad, task_name=TASK)
     _, neighbor_fn = ujmd.energy_and_neighbor_fns(model64, atoms, task_name=TASK)
     R = np.array(atoms.positions)

@@ -49,6 +49,8 @@ class UMAConfig:
       `HydraModel.supports_single_atoms`, set by uma-s-1p2); otherwise the calculator refuses it.
     - `direct_forces`: the checkpoint also has a `Linear_Force_Head`.
     - `model_id`, `model_version`: informational; nothing branches on them.
+    - `elements`: atomic numbers the model was trained on, when narrower than its embedding
+      table (the built-in default model: 7 metals); `None`: every element `1..max_num_elements-1`.
     """
 
     sphere_channels: int
@@ -83,6 +85,7 @@ class UMAConfig:
     supports_single_atoms: bool = False
     model_id: str | None = None
     model_version: float | None = None
+    elements: tuple[int, ...] | None = None
 
     def __post_init__(self):
         def bad(name, value, fix):
@@ -143,12 +146,17 @@ class UMAConfig:
         return self.datasets.index(task_name)
 
     def check_elements(self, atomic_numbers) -> None:
-        """Raise `ValueError` naming any atomic number outside the element table `1..max_num_elements-1`."""
+        """Raise `ValueError` naming any atomic number the model does not cover (see `elements`)."""
         limit = self.max_num_elements
-        bad = sorted({int(z) for z in atomic_numbers if not 1 <= int(z) < limit})
+        allowed = set(range(1, limit)) if self.elements is None else set(self.elements)
+        bad = sorted({int(z) for z in atomic_numbers} - allowed)
         if bad:
+            from ase.data import chemical_symbols
+
+            have = f"1..{limit - 1}" if self.elements is None else " ".join(chemical_symbols[z] for z in self.elements)
+            names = ", ".join(f"{z} ({chemical_symbols[z] if 0 <= z < len(chemical_symbols) else '?'})" for z in bad)
             raise ValueError(
-                f"atomic number(s) {bad} are outside this model's elements 1..{limit - 1}; remove those atoms "
+                f"atomic number(s) {names} are outside this model's elements ({have}); remove those atoms "
                 "or use a model that covers them"
             )
 

@@ -55,7 +55,7 @@ class _Capacity:
         return self.atoms, self.edges
 
 
-def _structures(structures: "str | os.PathLike | ase.Atoms | Iterable[ase.Atoms]") -> Iterator[ase.Atoms]:
+def _structures(structures: "str | os.PathLike | ase.Atoms | Iterable") -> Iterator[ase.Atoms]:
     if isinstance(structures, (str, os.PathLike)):
         from ase.io import iread
 
@@ -85,7 +85,7 @@ def _task_of(config: UMAConfig, atoms: ase.Atoms, task_name, k: int) -> str:
 
 def predict(
     model: UMA,
-    structures: "str | os.PathLike | ase.Atoms | Iterable[ase.Atoms]",
+    structures: "str | os.PathLike | ase.Atoms | Iterable",
     *,
     task_name: str | Sequence[str] | None = None,
     batch_size: int = 16,
