@@ -1,0 +1,294 @@
+"""High-level simulation drivers behind `uma-eqx md` and `uma-eqx optimize`.
+
+Both take an `ase.Atoms` and a model, and return plain Python data (frames and a log), so they
+work the same from the command line, a notebook or a script.
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import ase
+import numpy as np
+from ase import units
+
+from ._potential import UMA
+from .calculator import UMACalculator
+
+
+#: Thermostat / barostat relaxation times in timesteps (ASE's documentation recommends
+#: `tdamp = 100 dt` for Nosé–Hoover chains and `pdamp = 1000 dt` for MTK barostats;
+#: `ase/md/nose_hoover_chain.py`). JAX-MD's own defaults are the same
+#: (`simulate.nvt_nose_hoover(tau=100 dt)`, `npt_nose_hoover(barostat tau=1000 dt)`).
+THERMOSTAT_STEPS = 100
+BAROSTAT_STEPS = 1000
+
+ENSEMBLES = ("nve", "nvt", "npt")
+ENGINES = ("jax-md", "ase")
+
+
+@dataclasses.dataclass
+class MDResult:
+    """What [`uma_eqx.simulate.run_md`][] returns.
+
+    - `frames`: snapshots (`ase.Atoms` with positions, momenta, cell, and `info` holding
+      `step`, `time_fs`, `energy`), every `interval` steps, the start included.
+    - `log`: one dict per recorded step: `step`, `time_fs`, `epot`, `ekin`, `etot` (eV),
+      `temperature_K`, `volume_A3`.
+    - `steps_per_second`: measured after the first (compiling) chunk.
+    """
+
+    frames: list
+    log: list
+    steps_per_second: float
+
+
+def _log_row(step, dt_fs, epot, ekin, natoms, volume):
+    return {
+        "step": int(step),
+        "time_fs": float(step * dt_fs),
+        "epot": float(epot),
+        "ekin": float(ekin),
+        "etot": float(epot + ekin),
+        "temperature_K": float(2.0 * ekin / (3.0 * natoms * units.kB)),
+        "volume_A3": float(volume),
+    }
+
+
+def run_md(
+    model: UMA,
+    atoms: ase.Atoms,
+    *,
+    task_name: str,
+    ensemble: str = "nvt",
+    temperature_K: float = 300.0,
+    timestep_fs: float = 1.0,
+    steps: int = 1000,
+    engine: str = "jax-md",
+    interval: int = 10,
+    pressure_GPa: float = 0.0,
+    seed: int = 0,
+    callback: Callable[[int, dict], None] | None = None,
+) -> MDResult:
+    """Molecular dynamics of `atoms` with `model`, on JAX-MD (whole chunks under `lax.scan`) or ASE.
+
+    Velocities start from a Maxwell–Boltzmann distribution at `temperature_K` (zero total
+    momentum). Ensembles: `nve` (velocity Verlet), `nvt` (Nosé–Hoover chain), `npt`
+    (isotropic MTK / JAX-MD's Nosé–Hoover NPT; periodic systems only), with relaxation
+    times of `THERMOSTAT_STEPS` and `BAROSTAT_STEPS` timesteps.
+
+    **Arguments:**
+
+    - `model`, `atoms`, `task_name`: what to simulate (charge/spin from `atoms.info`).
+    - `ensemble`: `nve`, `nvt` or `npt`.
+    - `temperature_K`, `timestep_fs`, `steps`, `pressure_GPa`: the run.
+    - `engine`: `jax-md` (needs the `md` extra) or `ase` (the [`UMACalculator`][]).
+    - `interval`: record a frame and a log row every `interval` steps.
+    - `seed`: velocity seed.
+    - `callback`: `callback(steps_done, last_log_row)` after every recorded interval.
+
+    **Returns:**
+
+    An [`uma_eqx.simulate.MDResult`][].
+    """
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"unknown ensemble {ensemble!r}: use one of {', '.join(ENSEMBLES)}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if ensemble == "npt" and not atoms.pbc.all():
+        raise ValueError(f"npt needs a periodic system (pbc all True), got pbc={atoms.pbc.tolist()}")
+    for name, value in (("timestep_fs", timestep_fs), ("temperature_K", temperature_K)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if timestep_fs == 0 or steps < 1 or interval < 1:
+        raise ValueError(f"need timestep_fs > 0, steps >= 1 and interval >= 1 (got {timestep_fs}, {steps}, {interval})")
+    if not np.all(np.isfinite(atoms.positions)):
+        raise ValueError("the structure has NaN/inf positions")
+    atoms = atoms.copy()
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
+    Stationary(atoms)
+    run = _run_jax_md if engine == "jax-md" else _run_ase
+    return run(model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback)
+
+
+def _frame(atoms, positions, momenta, cell, step, dt_fs, energy):
+    frame = atoms.copy()
+    frame.set_cell(cell)
+    frame.positions = positions
+    frame.set_momenta(momenta)
+    frame.info.update(step=int(step), time_fs=float(step * dt_fs), energy=float(energy))
+    return frame
+
+
+def _run_ase(model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback):
+    from ase.md.nose_hoover_chain import IsotropicMTKNPT, NoseHooverChainNVT
+    from ase.md.verlet import VelocityVerlet
+
+    atoms.calc = UMACalculator(model, task_name=task_name)
+    dt = timestep_fs * units.fs
+    if ensemble == "nve":
+        dyn = VelocityVerlet(atoms, timestep=dt, logfile=None)
+    elif ensemble == "nvt":
+        dyn = NoseHooverChainNVT(atoms, dt, temperature_K, tdamp=THERMOSTAT_STEPS * dt, logfile=None)
+    else:
+        dyn = IsotropicMTKNPT(atoms, dt, temperature_K, pressure_GPa * units.GPa,
+                              tdamp=THERMOSTAT_STEPS * dt, pdamp=BAROSTAT_STEPS * dt, logfile=None)
+    frames, log = [], []
+    clock = {}
+
+    def record():
+        step = dyn.nsteps
+        epot, ekin = atoms.get_potential_energy(), atoms.get_kinetic_energy()
+        row = _log_row(step, timestep_fs, epot, ekin, len(atoms), atoms.get_volume() if atoms.pbc.all() else float("nan"))
+        if not math.isfinite(row["etot"]):
+            raise FloatingPointError(f"energy became NaN/inf at step {step}; reduce the timestep")
+        log.append(row)
+        frames.append(_frame(atoms, atoms.positions, atoms.get_momenta(), atoms.cell, step, timestep_fs, epot))
+        if step > 0 and "t0" not in clock:
+            clock["t0"], clock["s0"] = time.perf_counter(), step
+        if callback is not None:
+            callback(step, row)
+
+    dyn.attach(record, interval=interval)
+    dyn.run(steps)
+    elapsed = time.perf_counter() - clock.get("t0", time.perf_counter())
+    done = log[-1]["step"] - clock.get("s0", 0)
+    return MDResult(frames, log, done / elapsed if elapsed > 0 and done > 0 else float("nan"))
+
+
+def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback):
+    try:
+        import jax
+        import jax.numpy as jnp
+        from jax_md import quantity, simulate, space
+    except ImportError as e:
+        raise ImportError("engine 'jax-md' needs jax-md: pip install 'uma_eqx[md]' (or use engine 'ase')") from e
+    from . import jax_md as ujmd
+
+    dtype = model.dtype
+    npt = ensemble == "npt"
+    energy_fn, neighbor_fn = ujmd.energy_and_neighbor_fns(model, atoms, task_name=task_name, fractional_coordinates=npt)
+    box = jnp.asarray(ujmd.box_from_atoms(atoms), dtype)
+    if atoms.pbc.all():
+        _, shift_fn = space.periodic_general(box, fractional_coordinates=npt)
+    else:
+        _, shift_fn = space.free()
+    R = jnp.asarray(atoms.get_scaled_positions() if npt else atoms.positions, dtype)
+    mass = jnp.asarray(atoms.get_masses(), dtype)[:, None]
+    dt = timestep_fs * ujmd.FEMTOSECOND
+    kT = temperature_K * ujmd.BOLTZMANN
+    nbrs = neighbor_fn.allocate(R)
+    if ensemble == "nve":
+        init, apply = simulate.nve(energy_fn, shift_fn, dt)
+    elif ensemble == "nvt":
+        init, apply = simulate.nvt_nose_hoover(energy_fn, shift_fn, dt, kT, tau=THERMOSTAT_STEPS * dt)
+    else:
+        init, apply = simulate.npt_nose_hoover(
+            energy_fn, shift_fn, dt, pressure_GPa * units.GPa, kT,
+            barostat_kwargs={"tau": BAROSTAT_STEPS * dt}, thermostat_kwargs={"tau": THERMOSTAT_STEPS * dt},
+        )
+    kwargs = {"box": box} if npt else {}
+    state = init(jax.random.PRNGKey(0), R, mass=mass, neighbor=nbrs, kT=kT, **kwargs)
+    # Start from the ASE Maxwell-Boltzmann momenta (same seed semantics for both engines).
+    state = state.set(momentum=jnp.asarray(atoms.get_momenta(), dtype))
+    box_fn = simulate.npt_box if npt else None
+
+    def cartesian(s):
+        b = box_fn(s) if npt else box
+        return (s.position @ b.T if npt else s.position), b
+
+    def observe(s, n):
+        epot = energy_fn(s.position, neighbor=n, **({"box": box_fn(s)} if npt else {}))
+        return jnp.stack([epot, quantity.kinetic_energy(momentum=s.momentum, mass=s.mass)])
+
+    frames, log = [], []
+    clock = {}
+
+    def record(step, s, epot, ekin):
+        positions, b = cartesian(s)
+        cell = np.asarray(b, np.float64).T
+        volume = abs(float(np.linalg.det(cell))) if atoms.pbc.all() else float("nan")
+        row = _log_row(step, timestep_fs, float(epot), float(ekin), len(atoms), volume)
+        log.append(row)
+        frames.append(_frame(atoms, np.asarray(positions, np.float64), np.asarray(s.momentum, np.float64),
+                             cell if atoms.pbc.any() else atoms.cell, step, timestep_fs, row["epot"]))
+        if callback is not None:
+            callback(step, row)
+
+    first = np.asarray(observe(state, nbrs))
+    record(0, state, first[0], first[1])
+
+    def on_chunk(done, s, outs):
+        outs = np.asarray(outs)
+        if not np.all(np.isfinite(outs)):
+            raise FloatingPointError(f"energy became NaN/inf before step {done}; reduce the timestep")
+        if "t0" not in clock:
+            clock["t0"], clock["s0"] = time.perf_counter(), done
+        record(done, s, outs[-1, 0], outs[-1, 1])
+
+    ujmd.run(lambda s, n: apply(s, neighbor=n), state, nbrs, neighbor_fn, steps, steps_per_chunk=interval,
+             observe=observe, box_fn=box_fn, callback=on_chunk)
+    elapsed = time.perf_counter() - clock.get("t0", time.perf_counter())
+    done = log[-1]["step"] - clock.get("s0", 0)
+    return MDResult(frames, log, done / elapsed if elapsed > 0 and done > 0 else float("nan"))
+
+
+def relax(
+    model: UMA,
+    atoms: ase.Atoms,
+    *,
+    task_name: str,
+    fmax: float = 0.05,
+    steps: int = 500,
+    cell: bool = False,
+    optimizer: str = "fire",
+    callback: Callable[[int, ase.Atoms], None] | None = None,
+) -> tuple[ase.Atoms, list, bool]:
+    """Relax positions (and with `cell=True` the cell, through `FrechetCellFilter`) with ASE.
+
+    **Arguments:**
+
+    - `model`, `atoms`, `task_name`: what to relax.
+    - `fmax`: convergence threshold on the largest force (eV/Å; with `cell`, also on the
+        filter's cell forces).
+    - `steps`: maximum optimizer steps.
+    - `cell`: relax the cell too (periodic systems).
+    - `optimizer`: `fire` or `bfgs`.
+    - `callback`: called as `callback(step, atoms)` after each step.
+
+    **Returns:**
+
+    `(relaxed, trajectory, converged)`: the relaxed copy, the frames (with `energy`,
+    `fmax` in `info`), and whether `fmax` was reached.
+    """
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS, FIRE
+
+    optimizers = {"fire": FIRE, "bfgs": BFGS}
+    if optimizer not in optimizers:
+        raise ValueError(f"unknown optimizer {optimizer!r}: use fire or bfgs")
+    if cell and not atoms.pbc.all():
+        raise ValueError(f"--cell relaxation needs a periodic system, got pbc={atoms.pbc.tolist()}")
+    if not (math.isfinite(fmax) and fmax > 0):
+        raise ValueError(f"fmax must be a positive number of eV/Å, got {fmax}")
+    atoms = atoms.copy()
+    atoms.calc = UMACalculator(model, task_name=task_name)
+    target = FrechetCellFilter(atoms) if cell else atoms
+    opt = optimizers[optimizer](target, logfile=None)
+    trajectory = []
+
+    def record():
+        frame = atoms.copy()
+        frame.info.update(step=int(opt.nsteps), energy=float(atoms.get_potential_energy()),
+                          fmax=float(np.linalg.norm(target.get_forces(), axis=1).max()))
+        trajectory.append(frame)
+        if callback is not None:
+            callback(opt.nsteps, frame)
+
+    opt.attach(record, interval=1)
+    converged = bool(opt.run(fmax=fmax, steps=steps))
+    atoms.calc = None
+    return atoms, trajectory, converged
