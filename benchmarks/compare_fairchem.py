@@ -335,8 +335,9 @@ def run_worker(kind: str, job: dict, args, label: str) -> tuple[object, str | No
     payload = None
     if error is None:
         if proc.returncode != 0:
-            tail = "\n".join(logtext.strip().splitlines()[-15:])
-            error = f"worker failed (exit {proc.returncode}): {tail}"
+            lines = logtext.strip().splitlines() or [""]
+            # first line: the exception (last line of the log); then the log's tail for --verbose
+            error = f"worker failed (exit {proc.returncode}): {lines[-1]}\n" + "\n".join(lines[-15:])
         else:
             payload = json.loads(Path(result).read_text())
     Path(result).unlink(missing_ok=True)
