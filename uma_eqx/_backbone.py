@@ -193,7 +193,8 @@ class UMABackbone(eqx.Module):
             ],
             axis=-1,
         )
-        return EdgeFrame(wigner, wigner_inv_envelope, x_edge, source, target), envelope
+        frame = EdgeFrame(wigner, wigner_inv_envelope, x_edge, source, target, graph.system_index[target])
+        return frame, envelope
 
     def __call__(
         self,

@@ -5,6 +5,7 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from ._config import UMAConfig
@@ -14,12 +15,24 @@ from .nn import (
     EquivariantLayerNormSH,
     EquivariantRMSNorm,
     Linear,
+    MoLELinear,
     MoLERouting,
     SO2Convolution,
     SO3Linear,
     gate_activation,
 )
 from .so3 import coefficient_layout
+
+# Edges per chunk of the edgewise message passing. A chunk's widest features,
+# `(chunk, m_coeffs, 2 sphere_channels)` float32 (~4.7 MB for uma-s at 512 edges), stay in
+# cache, and the backward pass recomputes one chunk at a time instead of keeping every
+# layer's edge activations: memory is O(edges) with a small constant, time about the same.
+EDGE_CHUNK_SIZE = 512
+# Bytes per layer of SO(2)-convolution outputs that the backward pass may keep (summed over
+# edges); beyond it they are recomputed chunk by chunk (see `Edgewise`). For uma-s (float32)
+# 512 MiB keeps both convolutions' outputs up to ~500 atoms (40k edges), the first one's up
+# to ~1000 atoms, and recomputes everything beyond, where memory matters more.
+EDGE_RESIDUAL_BUDGET = 2**29
 
 
 def make_norm(config: UMAConfig, dtype=None) -> AbstractEquivariantNorm:
@@ -43,7 +56,8 @@ class EdgeFrame(eqx.Module):
     - `wigner`: `(edges, m_coeffs, coeffs)` rotation into the edge frame (m-major rows).
     - `wigner_inv_envelope`: `(edges, coeffs, m_coeffs)` inverse rotation times the envelope.
     - `x_edge`: `(edges, basis + 2 edge_channels)` radial basis and element embeddings.
-    - `source`, `target`: edge endpoints.
+    - `source`, `target`: edge endpoints (edges sorted by `target`).
+    - `system`: system of each edge (of its target atom).
     """
 
     wigner: Float[Array, "edges m_coeffs coeffs"]
@@ -51,6 +65,31 @@ class EdgeFrame(eqx.Module):
     x_edge: Float[Array, "edges edge_features"]
     source: Int[Array, " edges"]
     target: Int[Array, " edges"]
+    system: Int[Array, " edges"]
+
+
+def _split_edges(frame: EdgeFrame, chunk_size: int, num_atoms: int) -> EdgeFrame:
+    """`frame` reshaped to `(chunks, chunk, ...)`, padded with null edges if needed.
+
+    Null edges have zero rotations (so zero messages) and target the last atom, which keeps
+    the edges sorted by target.
+    """
+    num_edges = frame.source.shape[0]
+    num_chunks = -(-num_edges // chunk_size)
+    chunk = -(-num_edges // num_chunks)
+    pad = num_chunks * chunk - num_edges
+    if pad:
+        last_system = frame.system[-1:]
+        fill = EdgeFrame(
+            jnp.zeros((pad, *frame.wigner.shape[1:]), frame.wigner.dtype),
+            jnp.zeros((pad, *frame.wigner_inv_envelope.shape[1:]), frame.wigner_inv_envelope.dtype),
+            jnp.zeros((pad, frame.x_edge.shape[1]), frame.x_edge.dtype),
+            jnp.zeros(pad, frame.source.dtype),
+            jnp.full(pad, num_atoms - 1, frame.target.dtype),
+            jnp.broadcast_to(last_system, (pad,)),
+        )
+        frame = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), frame, fill)
+    return jax.tree.map(lambda a: a.reshape(num_chunks, chunk, *a.shape[1:]), frame)
 
 
 class Edgewise(eqx.Module):
@@ -58,12 +97,19 @@ class Edgewise(eqx.Module):
 
     Port of `fairchem.core.models.uma.escn_md_block.Edgewise` (`act_type="gate"`,
     general execution backend). Messages aggregate on the target atom with no degree rescale.
+
+    Edges are processed in chunks of `edge_chunk_size` (a `lax.scan` that scatter-adds each
+    chunk's messages: the same sum in a different order). Each chunk's messages are under
+    `jax.checkpoint`: the backward pass keeps only the SO(2)-convolution outputs that fit
+    `EDGE_RESIDUAL_BUDGET` and recomputes the rest of the chunk, so memory stays a small
+    multiple of the edge count.
     """
 
     so2_conv_1: SO2Convolution
     so2_conv_2: SO2Convolution
     lmax: int = eqx.field(static=True)
     mmax: int = eqx.field(static=True)
+    edge_chunk_size: int = eqx.field(static=True)
 
     def __init__(self, config: UMAConfig, num_experts: int, dtype=None, *, key):
         k1, k2 = jax.random.split(key)
@@ -74,18 +120,61 @@ class Edgewise(eqx.Module):
         )
         self.so2_conv_2 = SO2Convolution(h, c, config.lmax, config.mmax, None, 0, num_experts, dtype, key=k2)
         self.lmax, self.mmax = config.lmax, config.mmax
+        self.edge_chunk_size = EDGE_CHUNK_SIZE
+
+    def messages(
+        self, x: Float[Array, "atoms coeffs channels"], frame: EdgeFrame, routing: MoLERouting | None
+    ) -> Float[Array, "edges coeffs channels"]:
+        """The message of each edge of `frame`, rotated back and envelope-weighted."""
+        pair = jnp.concatenate([x[frame.source], x[frame.target]], axis=-1)
+        msg = jnp.einsum("emk,ekc->emc", frame.wigner, pair)
+        msg, gating = checkpoint_name(self.so2_conv_1(msg, frame.x_edge, routing), "so2_conv_1")
+        msg = gate_activation(gating, msg, coefficient_layout(self.lmax, self.mmax).l_of_m_row)
+        msg, _ = checkpoint_name(self.so2_conv_2(msg, None, routing), "so2_conv_2")
+        return jnp.einsum("ekm,emc->ekc", frame.wigner_inv_envelope, msg)
+
+    def _saved_names(self, num_edges: int, dtype) -> tuple[str, ...]:
+        # SO(2)-convolution outputs kept for the backward pass, cheapest first to drop, within
+        # `EDGE_RESIDUAL_BUDGET`; everything else of a chunk is recomputed.
+        rows = coefficient_layout(self.lmax, self.mmax).num_m_coeffs
+        conv_1 = rows * self.so2_conv_1.out_channels + self.so2_conv_1.extra_m0_channels
+        conv_2 = rows * self.so2_conv_2.out_channels
+        per_edge = num_edges * jnp.dtype(dtype).itemsize
+        if (conv_1 + conv_2) * per_edge <= EDGE_RESIDUAL_BUDGET:
+            return ("so2_conv_1", "so2_conv_2")
+        if conv_1 * per_edge <= EDGE_RESIDUAL_BUDGET:
+            return ("so2_conv_1",)
+        return ()
 
     def __call__(
         self, x: Float[Array, "atoms coeffs channels"], frame: EdgeFrame, routing: MoLERouting | None
     ) -> Float[Array, "atoms coeffs channels"]:
         with jax.named_scope("edgewise"):
-            pair = jnp.concatenate([x[frame.source], x[frame.target]], axis=-1)
-            msg = jnp.einsum("emk,ekc->emc", frame.wigner, pair)
-            msg, gating = self.so2_conv_1(msg, frame.x_edge, routing)
-            msg = gate_activation(gating, msg, coefficient_layout(self.lmax, self.mmax).l_of_m_row)
-            msg, _ = self.so2_conv_2(msg, None, routing)
-            msg = jnp.einsum("ekm,emc->ekc", frame.wigner_inv_envelope, msg)
-            return jax.ops.segment_sum(msg, frame.target, num_segments=x.shape[0])
+            chunks = _split_edges(frame, self.edge_chunk_size, x.shape[0])
+            policy = jax.checkpoint_policies.save_only_these_names(*self._saved_names(frame.source.shape[0], x.dtype))
+            messages = jax.checkpoint(type(self).messages, prevent_cse=False, policy=policy)
+
+            layer = self
+            if routing is not None:
+                # merge the experts once per system, not once per chunk
+                layer = jax.tree.map(
+                    lambda m: m.merge_per_system(routing.coefficients) if isinstance(m, MoLELinear) else m,
+                    self,
+                    is_leaf=lambda m: isinstance(m, MoLELinear),
+                )
+                identity = jnp.eye(routing.coefficients.shape[0], dtype=routing.coefficients.dtype)
+
+            def step(total, chunk):
+                chunk_routing = None
+                if routing is not None:
+                    sizes = jax.ops.segment_sum(
+                        jnp.ones_like(chunk.system), chunk.system, num_segments=identity.shape[0]
+                    )
+                    chunk_routing = MoLERouting(identity, sizes)
+                return total.at[chunk.target].add(messages(layer, x, chunk, chunk_routing)), None
+
+            total, _ = jax.lax.scan(step, jnp.zeros_like(x), chunks)
+            return total
 
 
 class AbstractAtomwise(eqx.Module):

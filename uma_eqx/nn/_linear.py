@@ -16,7 +16,7 @@ class MoLERouting(eqx.Module):
     """
 
     coefficients: Float[Array, "systems experts"]
-    group_sizes: Int[Array, "systems"]
+    group_sizes: Int[Array, " systems"]
 
 
 class Linear(eqx.Module):
@@ -45,9 +45,11 @@ class MoLELinear(eqx.Module):
     """Mixture of linear experts: system `s` uses `W_s = sum_e c[s, e] W_e` and one shared bias.
 
     Port of `fairchem.core.models.uma.nn.mole.MOLE`. Rows must be grouped contiguously by
-    system (edges sorted by target atom, atoms sorted by system), as fairchem requires. For a
-    batch of several systems the cheaper of two exact evaluations is used: mixing the experts
-    per row (cost ~ experts) or applying each system's merged weight (cost ~ systems).
+    system (edges sorted by target atom, atoms sorted by system), as fairchem requires. Rows
+    that all belong to one system (one system, or one chunk of a batch's edges) cost one matmul
+    with that system's merged weight; otherwise the cheaper of two exact evaluations is used:
+    mixing the experts per row (cost ~ experts) or applying each system's merged weight (cost
+    ~ systems).
     """
 
     weights: Float[Array, "experts out in"]
@@ -70,20 +72,37 @@ class MoLELinear(eqx.Module):
             )
         coefficients = routing.coefficients.astype(self.weights.dtype)
         num_systems, num_experts = coefficients.shape
-        if num_systems == 1:
-            y = x @ jnp.einsum("e,eoi->oi", coefficients[0], self.weights).T
-        else:
+
+        def one_system(s):
+            return x @ jnp.einsum("e,eoi->oi", coefficients[s], self.weights).T
+
+        def several_systems(_):
             rows = x.shape[0]
             row_system = jnp.repeat(jnp.arange(num_systems), routing.group_sizes, total_repeat_length=rows)
             if num_experts <= num_systems:
                 # sum_e c[s(r), e] W_e x_r as one matmul over (expert, input) pairs
                 mixed = (coefficients[row_system][:, :, None] * x[:, None, :]).reshape(rows, -1)
-                y = mixed @ jnp.swapaxes(self.weights, 1, 2).reshape(-1, self.weights.shape[1])
-            else:
-                w = jnp.einsum("se,eoi->soi", coefficients, self.weights)
-                per_system = jnp.einsum("ri,soi->rso", x, w)
-                y = jnp.einsum("rs,rso->ro", jax.nn.one_hot(row_system, num_systems, dtype=x.dtype), per_system)
+                return mixed @ jnp.swapaxes(self.weights, 1, 2).reshape(-1, self.weights.shape[1])
+            w = jnp.einsum("se,eoi->soi", coefficients, self.weights)
+            per_system = jnp.einsum("ri,soi->rso", x, w)
+            return jnp.einsum("rs,rso->ro", jax.nn.one_hot(row_system, num_systems, dtype=x.dtype), per_system)
+
+        if num_systems == 1:
+            y = one_system(0)
+        else:
+            # rows of a single system (e.g. one real system plus padding systems without rows,
+            # or one chunk of a batch's edges) cost one merged matmul
+            s = jnp.argmax(routing.group_sizes)
+            y = jax.lax.cond(routing.group_sizes[s] == x.shape[0], one_system, several_systems, s)
         return y if self.bias is None else y + self.bias
+
+    def merge_per_system(self, coefficients: Float[Array, "systems experts"]) -> "MoLELinear":
+        """An equivalent `MoLELinear` whose experts are the `systems` merged weights.
+
+        Use it with `MoLERouting(eye(systems), group_sizes)` to merge once for many calls.
+        """
+        w = jnp.einsum("se,eoi->soi", coefficients.astype(self.weights.dtype), self.weights)
+        return eqx.tree_at(lambda l: l.weights, self, w)
 
     def merge(self, coefficients: Float[Array, " experts"]) -> Linear:
         """A plain [`Linear`][] with weight `sum_e c[e] W_e` and the shared bias."""

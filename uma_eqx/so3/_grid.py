@@ -29,7 +29,7 @@ def _quadrature_weights(b: int) -> np.ndarray:
     return w / (2.0 * (2 * b) ** 2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def s2_grid_matrices(lmax: int) -> tuple[np.ndarray, np.ndarray]:
     """`(to_grid, from_grid)`, each `[res_beta, res_alpha, (lmax+1)**2]`, float64.
 

@@ -46,7 +46,7 @@ class CoefficientLayout:
         return len(self.m_major_rows)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def coefficient_layout(lmax: int, mmax: int) -> CoefficientLayout:
     """Build (and cache) the index tables for `(lmax, mmax)`.
 

@@ -44,7 +44,7 @@ def _poly_pow(p: dict, n: int) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sh_coefficients(l: int) -> tuple[np.ndarray, np.ndarray]:
     """Monomial exponents `[n, 3]` (powers of x, y, z) and coefficients `[2l+1, n]`."""
     # variables in (x, y, z) exponent order; e3nn relabelling X=z, Y=x, Z=y.
@@ -98,7 +98,7 @@ def real_spherical_harmonics(l: int, vec: Float[Array, "*batch 3"]) -> Float[Arr
     return mono @ jnp.asarray(coeffs.T, dtype=vec.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sample_points(l: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed well-spread unit points `[n, 3]` and `pinv(Y_l(P))` `[n, 2l+1]` in float64."""
     n = 2 * (2 * l + 1) + 1

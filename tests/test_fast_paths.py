@@ -1,0 +1,102 @@
+"""The performance-motivated formulations give the plain results (float64, round-off only).
+
+- `Edgewise` runs the edges in chunks under `jax.checkpoint`; the chunk size (with or without
+  null-edge padding) and how much the backward pass keeps (`EDGE_RESIDUAL_BUDGET`) only change
+  the summation order.
+- `MoLELinear` uses one merged matmul when all rows belong to one system, and the edgewise
+  layer merges the experts once per system (`MoLELinear.merge_per_system`).
+"""
+
+import functools
+
+import ase.build
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES, rel_err
+
+import uma_eqx
+from uma_eqx import _block
+from uma_eqx.nn import MoLELinear, MoLERouting
+
+#: same computation in another summation order (float64)
+TOL = 1e-12
+
+_efs = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})(
+    uma_eqx.energy_forces_stress
+)
+
+
+@functools.cache
+def _model() -> uma_eqx.UMA:
+    return uma_eqx.load(FIXTURES / "uma_s_1p1.eqx", dtype=jnp.float64)
+
+
+@functools.cache
+def _graph() -> uma_eqx.AtomicGraph:
+    # two systems (MoLE routing differs per system) plus padded atoms, edges and systems
+    cu = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True)
+    cu.rattle(0.05, seed=1)
+    water = ase.build.molecule("H2O")
+    return uma_eqx.AtomicGraph.from_atoms(
+        [cu, water], cutoff=_model().config.cutoff, datasets=_model().config.datasets, task_name="omat",
+        dtype=jnp.float64, pad=True,
+    )
+
+
+def _with_chunk_size(model: uma_eqx.UMA, size: int) -> uma_eqx.UMA:
+    # `edge_chunk_size` is a static field (part of the compiled program): copy and set it
+    model = jax.tree.map(lambda leaf: leaf, model)
+    for block in model.backbone.blocks:
+        object.__setattr__(block.edge_wise, "edge_chunk_size", size)
+    return model
+
+
+def _assert_same(a: dict, b: dict):
+    for key, value in a.items():
+        assert rel_err(np.asarray(value), np.asarray(b[key])) < TOL, key
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_edge_chunks_give_the_unchunked_sum(merged):
+    model, graph = _model(), _graph()
+    num_edges = graph.edge_index.shape[1]
+    if merged:
+        model = uma_eqx.merge_experts(model, model.backbone.expert_coefficients(graph)[0])
+    one_chunk = _efs(_with_chunk_size(model, num_edges), graph)
+    # 7 does not divide the edge count: exercises the null-edge padding; chunks straddle systems
+    assert num_edges % 7 != 0
+    for size in (7, 64):
+        _assert_same(_efs(_with_chunk_size(model, size), graph), one_chunk)
+
+
+def test_residual_budget_does_not_change_results(monkeypatch):
+    model, graph = _with_chunk_size(_model(), 64), _graph()
+    keep_all = _efs(model, graph)
+    monkeypatch.setattr(_block, "EDGE_RESIDUAL_BUDGET", 0)  # recompute everything
+    assert model.backbone.blocks[0].edge_wise._saved_names(graph.edge_index.shape[1], jnp.float64) == ()
+    _assert_same(_efs(model, graph), keep_all)
+
+
+def _mole_reference(layer: MoLELinear, x, coefficients, row_system):
+    w = jnp.einsum("se,eoi->soi", coefficients, layer.weights)[row_system]
+    return jnp.einsum("roi,ri->ro", w, x) + layer.bias
+
+
+@pytest.mark.parametrize("sizes", [(9, 0, 0), (0, 9, 0), (4, 0, 5), (2, 3, 4)])
+def test_mole_linear_single_and_mixed_systems(sizes):
+    kx, kc, kl = jax.random.split(jax.random.key(0), 3)
+    layer = MoLELinear(4, 5, 3, dtype=jnp.float64, key=kl)
+    x = jax.random.normal(kx, (9, 5), jnp.float64)
+    coefficients = jax.random.uniform(kc, (3, 4), jnp.float64)
+    row_system = np.repeat(np.arange(3), sizes)
+    expected = _mole_reference(layer, x, coefficients, row_system)
+    routing = MoLERouting(coefficients, jnp.asarray(sizes))
+    np.testing.assert_allclose(eqx.filter_jit(layer)(x, routing), expected, rtol=TOL, atol=TOL)
+    # merged once per system, routed by the identity: the same map
+    per_system = layer.merge_per_system(coefficients)
+    identity = MoLERouting(jnp.eye(3, dtype=jnp.float64), jnp.asarray(sizes))
+    np.testing.assert_allclose(per_system(x, identity), expected, rtol=TOL, atol=TOL)
+    assert isinstance(per_system, MoLELinear) and eqx.tree_equal(per_system.bias, layer.bias)
