@@ -15,6 +15,24 @@ class _Fail(click.ClickException):
     exit_code = 2
 
 
+#: Errors from the library that mean "bad input" and are reported as one line (exit 2).
+_USER_ERRORS = (ValueError, FileNotFoundError, ImportError, FloatingPointError, KeyError, OSError)
+
+
+class _Group(click.Group):
+    """Reports library errors as one line with exit code 2; `--debug` shows the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _USER_ERRORS as e:
+            if "--debug" in sys.argv or (ctx.obj or {}).get("debug"):
+                raise
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            more = " (run with --debug for the full message)" if len(lines) > 1 else ""
+            raise _Fail(f"{lines[0]}{more}") from e
+
+
 def _load_model(path: str | None):
     import uma_eqx
 
@@ -42,7 +60,7 @@ def _read_structures(paths):
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.pass_context
 def main(ctx, debug):
@@ -54,58 +72,244 @@ def main(ctx, debug):
       uma-eqx predict POSCAR --task omat --output out.json
       uma-eqx convert uma-s-1p1.pt uma-s-1p1.eqx --verify
       uma-eqx info uma-s-1p1.eqx
+      uma-eqx optimize POSCAR --task omat --cell --fmax 0.02
+      uma-eqx md POSCAR --task omat --ensemble nvt --temperature 300 --steps 1000
+      uma-eqx bench --atoms 64,512
+      uma-eqx train config.toml
+
+    Every error is one line with exit code 2; add --debug for the traceback.
     """
     ctx.obj = {"debug": debug}
 
 
+def _task_for(model, task, atoms, where):
+    name = task or atoms.info.get("task") or (model.config.task_names[0] if len(model.config.task_names) == 1 else None)
+    if name is None:
+        raise _Fail(f"{where}: give --task (this model's tasks: {', '.join(model.config.task_names)})")
+    model.config.dataset_index(name)  # unknown task: one line naming the valid ones
+    return name
+
+
+def _set_charge_spin(atoms, charge, spin):
+    if charge is not None:
+        atoms.info["charge"] = charge
+    if spin is not None:
+        atoms.info["spin"] = spin
+
+
+_MODEL_OPTION = click.option("--model", "model_path", default=None, type=click.Path(),
+                             help="A .eqx model (or fairchem .pt); default: the built-in model.")
+_TASK_OPTION = click.option("--task", default=None,
+                            help="Task name (omat, omol, oc20, ...); default: info['task'] or the model's only task.")
+_CHARGE_OPTION = click.option("--charge", type=int, default=None, help="Total charge (default: info['charge'] or 0).")
+_SPIN_OPTION = click.option("--spin", type=int, default=None,
+                            help="Spin multiplicity (default: info['spin'], or 1 for omol, 0 otherwise).")
+
+
 @main.command()
 @click.argument("structures", nargs=-1, type=click.Path())
-@click.option("--model", "model_path", default=None, help="A .eqx model (or fairchem .pt); default: built-in model.")
-@click.option("--task", default=None, help="Task name (omat, omol, oc20, ...); default: the structure's info['task'] or the model's only task.")
+@_MODEL_OPTION
+@_TASK_OPTION
+@_CHARGE_OPTION
+@_SPIN_OPTION
+@click.option("--batch-size", default=16, show_default=True, help="Structures per padded batch.")
 @click.option("--output", default=None, type=click.Path(), help="Write results to .json, .csv or .extxyz.")
-def predict(structures, model_path, task, output):
-    """Energy, forces and stress of STRUCTURES (any ASE-readable files).
+def predict(structures, model_path, task, charge, spin, batch_size, output):
+    """Energy, forces and stress of STRUCTURES (any ASE-readable files: extxyz, cif, POSCAR, xyz, traj).
 
-    With no STRUCTURES, predicts the bundled example structures.
+    With no STRUCTURES, predicts the bundled example structures. Structures are evaluated in
+    padded batches (a handful of compilations for any number of structures).
 
     \b
     Example:
       uma-eqx predict relaxed.cif --task omat --output results.json
     """
     import numpy as np
-    from tqdm import tqdm
 
-    from uma_eqx.calculator import UMACalculator
+    import uma_eqx
 
     model = _load_model(model_path)
     items = _read_structures(list(structures) or [str(EXAMPLES)])
+    atoms_list, tasks, labels = [], [], []
+    for path, index, atoms in items:
+        where = f"{path}[{index}]"
+        _set_charge_spin(atoms, charge, spin)
+        tasks.append(_task_for(model, task, atoms, where))
+        atoms_list.append(atoms)
+        labels.append(atoms.info.get("name", f"{pathlib.Path(path).name}[{index}]"))
+    results = uma_eqx.predict(model, atoms_list, task_name=tasks, batch_size=batch_size, progress=len(items) > 2)
     rows, frames = [], []
-    calcs = {}
-    for path, index, atoms in tqdm(items, desc="predict", unit="structure", disable=len(items) < 3):
-        name = task or atoms.info.get("task") or (model.config.task_names[0] if len(model.config.task_names) == 1 else None)
-        if name is None:
-            raise _Fail(f"{path}[{index}]: give --task (this model's tasks: {', '.join(model.config.task_names)})")
-        try:
-            calc = calcs.setdefault(name, UMACalculator(model, task_name=name))
-            atoms.calc = calc
-            energy = atoms.get_potential_energy()
-            forces = atoms.get_forces()
-            stress = atoms.get_stress()
-        except ValueError as e:
-            raise _Fail(f"{path}[{index}]: {e}") from e
-        label = atoms.info.get("name", f"{pathlib.Path(path).name}[{index}]")
-        rows.append({"structure": label, "task": name, "natoms": len(atoms), "energy_eV": energy,
-                     "energy_per_atom_eV": energy / len(atoms), "max_force_eV_A": float(np.linalg.norm(forces, axis=1).max()),
-                     "stress_eV_A3": stress.tolist(), "forces_eV_A": forces.tolist()})
+    for label, atoms, r in zip(labels, atoms_list, results):
+        s = r["stress"]
+        voigt = [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]]
+        rows.append({"structure": label, "task": r["task"], "natoms": r["natoms"], "energy_eV": r["energy"],
+                     "energy_per_atom_eV": r["energy"] / r["natoms"],
+                     "max_force_eV_A": float(np.linalg.norm(r["forces"], axis=1).max()),
+                     "stress_eV_A3": [float(v) for v in voigt], "forces_eV_A": r["forces"].tolist()})
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        atoms.calc = SinglePointCalculator(atoms, energy=r["energy"], forces=r["forces"], stress=np.asarray(voigt))
         frames.append(atoms)
     click.echo(f"{'structure':24s} {'task':6s} {'atoms':>5s} {'E (eV)':>14s} {'E/atom':>10s} {'max|F| eV/Å':>12s}  stress (eV/Å³, Voigt)")
     for r in rows:
-        s = " ".join(f"{v:+.4f}" for v in r["stress_eV_A3"])
+        sv = " ".join(f"{v:+.4f}" for v in r["stress_eV_A3"])
         click.echo(f"{r['structure'][:24]:24s} {r['task']:6s} {r['natoms']:5d} {r['energy_eV']:14.6f} "
-                   f"{r['energy_per_atom_eV']:10.5f} {r['max_force_eV_A']:12.5f}  {s}")
+                   f"{r['energy_per_atom_eV']:10.5f} {r['max_force_eV_A']:12.5f}  {sv}")
     if output:
         _write(output, rows, frames)
         click.echo(f"wrote {output}")
+
+
+def _one_structure(path):
+    items = _read_structures([path])
+    if len(items) != 1:
+        click.echo(f"{path} has {len(items)} frames; using the last one", err=True)
+    return items[-1][2]
+
+
+@main.command()
+@click.argument("structure", type=click.Path())
+@_MODEL_OPTION
+@_TASK_OPTION
+@_CHARGE_OPTION
+@_SPIN_OPTION
+@click.option("--fmax", default=0.05, show_default=True, help="Force convergence threshold (eV/Å).")
+@click.option("--cell", is_flag=True, help="Also relax the cell (FrechetCellFilter; periodic systems).")
+@click.option("--steps", default=500, show_default=True, help="Maximum optimizer steps.")
+@click.option("--optimizer", type=click.Choice(["fire", "bfgs"]), default="fire", show_default=True)
+@click.option("--output", default=None, type=click.Path(),
+              help="Trajectory file (.extxyz or .traj); default: STRUCTURE stem + _opt.extxyz.")
+def optimize(structure, model_path, task, charge, spin, fmax, cell, steps, optimizer, output):
+    """Relax the positions (and with --cell the cell) of STRUCTURE; writes the trajectory.
+
+    \b
+    Examples:
+      uma-eqx optimize POSCAR --task omat --fmax 0.02 --cell
+      uma-eqx optimize molecule.xyz --task omol --charge -1 --spin 2 --optimizer bfgs
+    """
+    from ase.io import write
+
+    from uma_eqx.simulate import relax
+
+    model = _load_model(model_path)
+    atoms = _one_structure(structure)
+    _set_charge_spin(atoms, charge, spin)
+    name = _task_for(model, task, atoms, structure)
+
+    def show(step, frame):
+        if step % 10 == 0:
+            click.echo(f"step {step:5d}  E = {frame.info['energy']:.6f} eV  fmax = {frame.info['fmax']:.4f} eV/Å")
+
+    relaxed, trajectory, converged = relax(model, atoms, task_name=name, fmax=fmax, steps=steps, cell=cell,
+                                           optimizer=optimizer, callback=show)
+    out = output or f"{pathlib.Path(structure).stem}_opt.extxyz"
+    write(out, trajectory)
+    first, last = trajectory[0].info, trajectory[-1].info
+    status = "converged" if converged else f"NOT converged in {steps} steps"
+    click.echo(f"{status}: {len(trajectory) - 1} steps, E {first['energy']:.6f} -> {last['energy']:.6f} eV, "
+               f"fmax {first['fmax']:.4f} -> {last['fmax']:.4f} eV/Å"
+               + (f", volume {trajectory[0].get_volume():.3f} -> {relaxed.get_volume():.3f} Å³" if cell else ""))
+    click.echo(f"wrote {out} ({len(trajectory)} frames)")
+    if not converged:
+        raise _Fail(f"not converged to fmax={fmax} in {steps} steps; raise --steps or check the structure")
+
+
+@main.command()
+@click.argument("structure", required=False, type=click.Path())
+@_MODEL_OPTION
+@_TASK_OPTION
+@_CHARGE_OPTION
+@_SPIN_OPTION
+@click.option("--ensemble", type=click.Choice(["nve", "nvt", "npt"]), default="nvt", show_default=True)
+@click.option("--temperature", default=300.0, show_default=True, help="Temperature (K): start and thermostat.")
+@click.option("--pressure", default=0.0, show_default=True, help="Pressure (GPa), npt only.")
+@click.option("--timestep", default=1.0, show_default=True, help="Timestep (fs).")
+@click.option("--steps", default=1000, show_default=True, help="Number of MD steps.")
+@click.option("--interval", default=10, show_default=True, help="Write a frame and a log line every N steps.")
+@click.option("--engine", type=click.Choice(["jax-md", "ase"]), default="jax-md", show_default=True,
+              help="jax-md: whole chunks on the device under lax.scan; ase: the ASE calculator.")
+@click.option("--seed", default=0, show_default=True, help="Velocity seed.")
+@click.option("--output", default=None, type=click.Path(),
+              help="Trajectory (.extxyz or .traj); default: STRUCTURE stem + _md.extxyz (+ .log, .png).")
+def md(structure, model_path, task, charge, spin, ensemble, temperature, pressure, timestep, steps, interval,
+       engine, seed, output):
+    """Molecular dynamics of STRUCTURE; writes a trajectory, a log and a PNG plot of energy/temperature.
+
+    Without STRUCTURE: a 32-atom fcc Cu crystal (for the built-in model).
+
+    \b
+    Examples:
+      uma-eqx md --steps 200                  # built-in model, Cu crystal, NVT at 300 K
+      uma-eqx md POSCAR --task omat --ensemble nvt --temperature 600 --steps 5000
+      uma-eqx md cu.cif --ensemble npt --pressure 1.0 --engine ase
+    """
+    from ase.io import write
+    from tqdm import tqdm
+
+    from uma_eqx.simulate import run_md
+
+    model = _load_model(model_path)
+    if structure is None:
+        from ase.build import bulk
+
+        atoms, structure = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2)), "cu_fcc_32"
+    else:
+        atoms = _one_structure(structure)
+    _set_charge_spin(atoms, charge, spin)
+    name = _task_for(model, task, atoms, structure)
+    bar = tqdm(total=steps, desc=f"md {ensemble} ({engine})", unit="step")
+
+    def progress(step, row):
+        bar.update(step - bar.n)
+        bar.set_postfix(E=f"{row['etot']:.4f} eV", T=f"{row['temperature_K']:.0f} K")
+
+    try:
+        result = run_md(model, atoms, task_name=name, ensemble=ensemble, temperature_K=temperature,
+                        timestep_fs=timestep, steps=steps, engine=engine, interval=interval,
+                        pressure_GPa=pressure, seed=seed, callback=progress)
+    finally:
+        bar.close()
+    stem = pathlib.Path(output).with_suffix("") if output else pathlib.Path(f"{pathlib.Path(structure).stem}_md")
+    out = output or f"{stem}.extxyz"
+    write(out, result.frames)
+    log_path, plot_path = f"{stem}.log", f"{stem}.png"
+    _write_md_log(log_path, result.log)
+    _plot_md(plot_path, result.log, ensemble)
+    first, last = result.log[0], result.log[-1]
+    drift = (last["etot"] - first["etot"]) / len(atoms)
+    click.echo(f"{steps} steps of {timestep} fs ({ensemble}, {engine}): {result.steps_per_second:.1f} steps/s; "
+               f"T {first['temperature_K']:.0f} -> {last['temperature_K']:.0f} K, "
+               f"E_tot change {drift * 1000:+.3f} meV/atom")
+    click.echo(f"wrote {out} ({len(result.frames)} frames), {log_path}, {plot_path}")
+
+
+def _write_md_log(path, log):
+    keys = ["step", "time_fs", "epot", "ekin", "etot", "temperature_K", "volume_A3"]
+    with open(path, "w") as f:
+        f.write("# " + " ".join(keys) + "  (energies eV, T in K, volume Å^3)\n")
+        for row in log:
+            f.write(" ".join(f"{row[k]:.8g}" for k in keys) + "\n")
+
+
+def _plot_md(path, log, ensemble):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["time_fs"] for r in log]
+    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(6, 5))
+    ax1.plot(t, [r["epot"] for r in log], label="potential")
+    ax1.plot(t, [r["etot"] for r in log], label="total")
+    ax1.set_ylabel("energy (eV)")
+    ax1.legend()
+    ax2.plot(t, [r["temperature_K"] for r in log], color="C3")
+    ax2.set_ylabel("temperature (K)")
+    ax2.set_xlabel("time (fs)")
+    ax1.set_title(f"uma-eqx md ({ensemble})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _write(output, rows, frames):
@@ -197,6 +401,38 @@ def info(model_path):
     if model_path and model_path.endswith(".eqx"):
         header = uma_eqx.read_header(model_path)
         click.echo(f"file: {model_path} ({os.path.getsize(model_path) / 1e6:.2f} MB), format version {header['format_version']}")
+
+
+@main.command()
+@_MODEL_OPTION
+@click.option("--atoms", "sizes", default="64,512", show_default=True, help="Comma-separated system sizes (fcc Cu).")
+@click.option("--repeats", default=3, show_default=True, help="Timed calls per size, after one warm-up call.")
+@click.option("--mode", type=click.Choice(["calculator", "raw"]), default="calculator", show_default=True,
+              help="calculator: ASE calls with rattled positions (graph building counts); raw: jitted function.")
+@click.option("--merged/--unmerged", default=True, show_default=True, help="Merge MoLE experts for the composition.")
+@_TASK_OPTION
+def bench(model_path, sizes, repeats, mode, merged, task):
+    """Time energy+forces of MODEL on rattled fcc Cu of each size: compile time, best/median per
+    call, FLOP/s against this machine's matmul peak, peak memory.
+
+    For the side-by-side comparison with fairchem-core see benchmarks/README.md.
+
+    \b
+    Examples:
+      uma-eqx bench --atoms 64,512,2000
+      uma-eqx bench --model uma-s-1p1.eqx --atoms 64 --mode raw --unmerged
+    """
+    from uma_eqx._bench import benchmark_uma_eqx, format_table, matmul_peak_flops
+
+    try:
+        numbers = [int(v) for v in sizes.split(",") if v.strip()]
+    except ValueError:
+        raise _Fail(f"--atoms must be comma-separated integers, got {sizes!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise _Fail(f"--atoms needs positive sizes, got {sizes!r}")
+    model = _load_model(model_path)
+    rows = benchmark_uma_eqx(model, numbers, merged=merged, repeats=repeats, task_name=task, mode=mode)
+    click.echo(format_table(rows, peak_flops=matmul_peak_flops()))
 
 
 @main.command()

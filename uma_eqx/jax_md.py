@@ -50,6 +50,24 @@ def _cell_from_box(box: ArrayLike) -> Float[Array, "3 3"]:
     return box.T
 
 
+@jax.custom_jvp
+def _to_cartesian(fractional: Float[Array, "atoms 3"], cell: Float[Array, "3 3"]) -> Float[Array, "atoms 3"]:
+    """`r = f H`, differentiated JAX-MD's way: `d/df` is the identity.
+
+    JAX-MD's integrators treat `-dU/dR` as the Cartesian force also when `R` is fractional;
+    its `space.transform` makes that true with this same derivative rule (tangent
+    `df + f dH`), so forces and momenta stay Cartesian (`jax_md/space.py:transform`).
+    """
+    return fractional @ cell
+
+
+@_to_cartesian.defjvp
+def _to_cartesian_jvp(primals, tangents):
+    fractional, cell = primals
+    d_fractional, d_cell = tangents
+    return _to_cartesian(fractional, cell), d_fractional + fractional @ d_cell
+
+
 @dataclasses.dataclass(frozen=True)
 class UMANeighborFn:
     """JAX-MD-style `allocate`/`update` for UMA's neighbour list, in JAX-MD coordinates.
@@ -66,7 +84,7 @@ class UMANeighborFn:
 
     def _cartesian(self, positions, box):
         cell = _cell_from_box(self.box if box is None else box).astype(positions.dtype)
-        return (positions @ cell if self.fractional_coordinates else positions), cell
+        return (_to_cartesian(positions, cell) if self.fractional_coordinates else positions), cell
 
     def allocate(self, positions: Float[Array, "atoms 3"], box=None, extra_capacity: int = 0) -> NeighborList:
         """Build a list sized for `positions` (host; see `NeighborListFns.allocate`)."""
@@ -101,7 +119,8 @@ def energy_and_neighbor_fns(
     `simulate.nve`, `nvt_nose_hoover`, `nvt_langevin`, `npt_nose_hoover` (pass the box, use
     fractional coordinates), `minimize.fire_descent` and `quantity.stress`/`pressure`. Its
     graph has exactly the host graph's edges (fairchem's inclusive cutoff), so energies equal
-    [`uma_eqx.energy_forces_stress`][] on `AtomicGraph.from_atoms`.
+    [`uma_eqx.energy_forces_stress`][] on `AtomicGraph.from_atoms`. With fractional `R`,
+    `-grad(energy_fn)` is the Cartesian force, as JAX-MD's integrators expect.
 
     **Arguments:**
 
@@ -167,7 +186,11 @@ def energy_and_neighbor_fns(
         strain = None
         if perturbation is not None:
             # JAX-MD maps dR -> perturbation @ dR (column vectors); ours is dR_row @ (I + strain).
-            strain = (jnp.asarray(perturbation, positions.dtype).T - jnp.eye(3, dtype=positions.dtype))[None]
+            # A scalar (npt_nose_hoover's isotropic `1 + eps`) scales every vector.
+            deform = jnp.asarray(perturbation, positions.dtype)
+            eye = jnp.eye(3, dtype=positions.dtype)
+            deform = deform * eye if deform.ndim == 0 else deform
+            strain = (deform.T - eye)[None]
         energy = model(graph, strain=strain)[0]
         energy = eqx.error_if(
             energy, over_cap,

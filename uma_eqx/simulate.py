@@ -190,10 +190,12 @@ def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, s
             energy_fn, shift_fn, dt, pressure_GPa * units.GPa, kT,
             barostat_kwargs={"tau": BAROSTAT_STEPS * dt}, thermostat_kwargs={"tau": THERMOSTAT_STEPS * dt},
         )
-    kwargs = {"box": box} if npt else {}
-    state = init(jax.random.PRNGKey(0), R, mass=mass, neighbor=nbrs, kT=kT, **kwargs)
     # Start from the ASE Maxwell-Boltzmann momenta (same seed semantics for both engines).
-    state = state.set(momentum=jnp.asarray(atoms.get_momenta(), dtype))
+    momenta = jnp.asarray(atoms.get_momenta(), dtype)
+    if npt:
+        state = init(jax.random.PRNGKey(0), R, box, mass=mass, momenta=momenta, neighbor=nbrs, kT=kT)
+    else:
+        state = init(jax.random.PRNGKey(0), R, mass=mass, momenta=momenta, neighbor=nbrs, kT=kT)
     box_fn = simulate.npt_box if npt else None
 
     def cartesian(s):

@@ -81,6 +81,18 @@ class TrainConfig:
         for key in ("init", "out_dir"):
             if data.get(key):
                 data[key] = str(base / data[key])
+        if "train" not in data or not data["train"]:
+            raise ValueError(f"{path}: `train` (a list of dataset files) is required")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            default = defaults[key]
+            expected = float if isinstance(default, float) else type(default)
+            if default is None or isinstance(default, dataclasses._MISSING_TYPE) or expected in (list, dict):
+                continue
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                data[key] = float(value)
+            elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ValueError(f"{path}: {key} = {value!r} must be a {expected.__name__} (default {default!r})")
         return cls(**data)
 
 
