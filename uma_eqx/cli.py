@@ -387,6 +387,11 @@ def _print_info(model):
                f"{cfg.hidden_channels}/{cfg.edge_channels} experts={cfg.num_experts} cutoff={cfg.cutoff} Å "
                f"norm={cfg.norm_type} ff={cfg.ff_type} dtype={model.dtype}")
     click.echo(f"tasks: {', '.join(cfg.task_names)}")
+    from ase.data import chemical_symbols
+
+    elements = (" ".join(chemical_symbols[z] for z in cfg.elements) if cfg.elements is not None
+                else f"atomic numbers 1..{cfg.max_num_elements - 1} (the full element table)")
+    click.echo(f"elements: {elements}")
     click.echo(f"parameters: {total:,} total, {active:,} active per structure" + (" (merged)" if model.is_merged else ""))
 
 
@@ -398,9 +403,10 @@ def info(model_path):
 
     model = _load_model(model_path)
     _print_info(model)
-    if model_path and model_path.endswith(".eqx"):
-        header = uma_eqx.read_header(model_path)
-        click.echo(f"file: {model_path} ({os.path.getsize(model_path) / 1e6:.2f} MB), format version {header['format_version']}")
+    path = str(uma_eqx._default.DEFAULT_MODEL) if model_path is None else model_path
+    if path.endswith(".eqx"):
+        header = uma_eqx.read_header(path)
+        click.echo(f"file: {path} ({os.path.getsize(path) / 1e6:.2f} MB), format version {header['format_version']}")
 
 
 @main.command()
