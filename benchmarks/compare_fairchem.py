@@ -72,12 +72,12 @@ def _emit(result_path: str, payload) -> None:
 
 
 def worker_build(job: dict) -> dict:
-    """Write the full-size random-weight checkpoint in fairchem's format."""
+    """Write a random-weight checkpoint in fairchem's format (`job["size"]`: `FULL_SIZE`-like keys; default full size)."""
     sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
     import make_fixtures as mf
 
     t0 = time.perf_counter()
-    size = dict(FULL_SIZE)
+    size = dict(job.get("size") or FULL_SIZE)
     cfg = mf.config_uma_s_1p1(size.pop("channels"), size.pop("lmax"), size.pop("mmax"), **size)
     mf.write_checkpoint(Path(job["pt"]), cfg, mf.uma_tasks(mf.DS_1P1, seed=100), 11)
     return {"build_s": time.perf_counter() - t0}
@@ -286,8 +286,12 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def run_worker(kind: str, job: dict, args, label: str) -> tuple[object, str | None, float]:
-    """Run one worker process; returns (payload, error, wall seconds)."""
+def run_worker(kind: str, job: dict, args, label: str, script: Path | None = None) -> tuple[object, str | None, float]:
+    """Run one worker process; returns (payload, error, wall seconds).
+
+    `script`: the file run as `script --worker kind --job ... --result ...` (default this one;
+    `benchmarks/md_speed.py` passes itself to run its own workers with these pinning rules).
+    """
     fd, result = tempfile.mkstemp(prefix="uma_bench_", suffix=".json")
     os.close(fd)
     env = dict(os.environ)
@@ -303,7 +307,7 @@ def run_worker(kind: str, job: dict, args, label: str) -> tuple[object, str | No
 
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        str(Path(script or __file__).resolve()),
         "--worker",
         kind,
         "--job",
