@@ -170,24 +170,43 @@ def test_thermostats_barostat_and_fire(model64):
 
 
 def test_run_reallocates_on_overflow(model64):
-    """A buffer with no head-room overflows under NPT compression; the driver reallocates and
-    reruns the chunk, giving the trajectory of a run that never overflowed."""
+    """A buffer with no head-room overflows as hot atoms move (small skin, many rebuilds); the
+    driver reallocates and reruns the chunk, giving the trajectory of a run that never overflowed."""
     results = []
     for multiplier in (1.0, 3.0):
-        atoms, energy_fn, neighbor_fn, shift_fn, box, Rf, mass = _md_setup(
-            model64, fractional=True, capacity_multiplier=multiplier, skin=0.1
-        )
-        init, apply = simulate.npt_nose_hoover(energy_fn, shift_fn, 1.0 * ujmd.FEMTOSECOND, pressure=0.05, kT=0.02)
-        nbrs = neighbor_fn.allocate(Rf)
-        state = init(jax.random.PRNGKey(4), Rf, box=box, mass=mass, neighbor=nbrs)
+        _, energy_fn, neighbor_fn, shift_fn, _, R, mass = _md_setup(model64, capacity_multiplier=multiplier, skin=0.05)
+        init, apply = simulate.nve(energy_fn, shift_fn, 2.0 * ujmd.FEMTOSECOND)
+        nbrs = neighbor_fn.allocate(R)
+        state = init(jax.random.PRNGKey(4), R, kT=3000 * ujmd.BOLTZMANN, mass=mass, neighbor=nbrs)
         capacity0 = nbrs.capacity
-        state, nbrs, _ = ujmd.run(
-            lambda s, n: apply(s, neighbor=n), state, nbrs, neighbor_fn, 30, steps_per_chunk=10, box_fn=simulate.npt_box
-        )
+        state, nbrs, _ = ujmd.run(lambda s, n: apply(s, neighbor=n), state, nbrs, neighbor_fn, 40, steps_per_chunk=10)
         results.append((np.asarray(state.position), capacity0, nbrs.capacity))
     (pos_tight, cap0, cap1), (pos_roomy, _, _) = results
     assert cap1 > cap0  # it did reallocate
     np.testing.assert_allclose(pos_tight, pos_roomy, atol=1e-10)
+
+
+def test_minimum_image_mode_and_partial_chunks(model64):
+    """A cell wider than 2 (cutoff + skin) uses the one-image search; a last chunk shorter than
+    `steps_per_chunk` runs exactly the remaining steps."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
+    atoms.rattle(0.05, seed=5)
+    energy_fn, neighbor_fn = ujmd.energy_and_neighbor_fns(model64, atoms, task_name=TASK, skin=0.3)
+    R = jnp.asarray(atoms.positions)
+    nbrs = neighbor_fn.allocate(R)
+    assert nbrs.minimum_image
+    assert rel_err(energy_fn(R, neighbor=nbrs), _host(model64, atoms)["energy"][0]) < 1e-12
+
+    atoms, energy_fn, neighbor_fn, shift_fn, _, R, mass = _md_setup(model64)
+    init, apply = simulate.nve(energy_fn, shift_fn, 1.0 * ujmd.FEMTOSECOND)
+    nbrs = neighbor_fn.allocate(R)
+    state0 = init(jax.random.PRNGKey(0), R, kT=300 * ujmd.BOLTZMANN, mass=mass, neighbor=nbrs)
+    step = lambda s, n: apply(s, neighbor=n)  # noqa: E731
+    counter = lambda s, n: jnp.ones(())  # noqa: E731
+    a, _, obs_a = ujmd.run(step, state0, nbrs, neighbor_fn, 7, steps_per_chunk=4, observe=counter)
+    b, _, obs_b = ujmd.run(step, state0, nbrs, neighbor_fn, 7, steps_per_chunk=7, observe=counter)
+    assert [len(o) for o in obs_a] == [4, 3] and [len(o) for o in obs_b] == [7]
+    np.testing.assert_allclose(np.asarray(a.position), np.asarray(b.position), atol=1e-12)
 
 
 def test_run_stops_on_nan(model64):

@@ -113,3 +113,18 @@ def test_bad_parameters():
         NeighborListFns(cutoff=-1.0, pbc=(True, True, True))
     with pytest.raises(ValueError, match="skin"):
         NeighborListFns(cutoff=5.0, pbc=(True, True, True), skin=float("nan"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_minimum_image_mode_matches_host(seed):
+    """Wide skewed cells (every width >= 2 (cutoff + skin)): one image per pair, same edges."""
+    rng = np.random.default_rng(10 + seed)
+    cell = np.eye(3) * 12.0 + rng.normal(size=(3, 3)) * 1.0
+    positions = rng.uniform(-0.2, 1.2, size=(40, 3)) @ cell  # some atoms outside the cell
+    fns = NeighborListFns(cutoff=CUTOFF, pbc=(True, True, True), skin=0.5, max_neighbors=None)
+    nbrs = fns.allocate(positions, cell)
+    assert nbrs.minimum_image and not bool(nbrs.did_buffer_overflow)
+    assert _edges(nbrs, fns, positions, cell) == _host(positions, cell, (True, True, True))
+    # Shrinking the cell below 2 (cutoff + skin) invalidates the mode: flagged as overflow.
+    small = cell * 0.8
+    assert bool(fns.update(jnp.asarray(positions * 0.8), nbrs, jnp.asarray(small)).did_buffer_overflow)

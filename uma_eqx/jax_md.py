@@ -5,7 +5,6 @@ Units are UMA's: energy eV, length Å, mass amu, so JAX-MD's time unit is
 `kT` in eV (use [`uma_eqx.jax_md.BOLTZMANN`][]).
 """
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from ._graph import AtomicGraph
 from ._potential import UMA, merge_experts
@@ -68,8 +67,7 @@ def _to_cartesian_jvp(primals, tangents):
     return _to_cartesian(fractional, cell), d_fractional + fractional @ d_cell
 
 
-@dataclasses.dataclass(frozen=True)
-class UMANeighborFn:
+class UMANeighborFn(eqx.Module):
     """JAX-MD-style `allocate`/`update` for UMA's neighbour list, in JAX-MD coordinates.
 
     Wraps a [`uma_eqx.neighbors.NeighborListFns`][]: positions are Cartesian, or fractional
@@ -78,9 +76,9 @@ class UMANeighborFn:
     (lattice vectors as columns). Built by [`uma_eqx.jax_md.energy_and_neighbor_fns`][].
     """
 
-    fns: NeighborListFns
-    box: Any
-    fractional_coordinates: bool
+    fns: NeighborListFns = eqx.field(static=True)
+    box: Float[Array, "3 3"]
+    fractional_coordinates: bool = eqx.field(static=True)
 
     def _cartesian(self, positions, box):
         cell = _cell_from_box(self.box if box is None else box).astype(positions.dtype)
@@ -205,6 +203,24 @@ def energy_and_neighbor_fns(
     return energy_fn, neighbor_fn
 
 
+@eqx.filter_jit
+def _run_chunk(step_fn, neighbor_fn, observe, box_fn, state, neighbors, length: int, active: Int[Array, ""]):
+    """`length` steps under `lax.scan` (compiled once per `length` and per function objects);
+    steps from `active` on, and all steps after a neighbour overflow, are skipped."""
+
+    def body(carry, i):
+        s, nbrs = carry
+        go = (i < active) & ~nbrs.did_buffer_overflow
+        s = jax.lax.cond(go, lambda: step_fn(s, nbrs), lambda: s)
+        box = None if box_fn is None else box_fn(s)
+        nbrs = jax.lax.cond(go, lambda: neighbor_fn.update(s.position, nbrs, box), lambda: nbrs)
+        out = None if observe is None else observe(s, nbrs)
+        return (s, nbrs), out
+
+    (state, neighbors), outs = jax.lax.scan(body, (state, neighbors), jnp.arange(length))
+    return state, neighbors, outs
+
+
 def run(
     step_fn: Callable[[Any, NeighborList], Any],
     state: Any,
@@ -225,6 +241,11 @@ def run(
     so no step ever runs with missing neighbours; if positions became non-finite, it raises
     `FloatingPointError` naming the chunk, instead of carrying NaNs through the trajectory.
 
+    The chunk is compiled once per `steps_per_chunk` and per function objects (`step_fn`,
+    `observe`, `box_fn`): a shorter last chunk reuses it, and later `run` calls with the same
+    function objects reuse it too (define the step function once rather than a new `lambda`
+    per call when running in segments).
+
     **Arguments:**
 
     - `step_fn`: one MD step, e.g. `lambda s, nbrs: apply_fn(s, neighbor=nbrs)`.
@@ -244,36 +265,24 @@ def run(
     """
     if num_steps < 0 or steps_per_chunk < 1:
         raise ValueError(f"need num_steps >= 0 and steps_per_chunk >= 1, got {num_steps}, {steps_per_chunk}.")
-
-    def box_of(s):
-        return None if box_fn is None else box_fn(s)
-
-    @eqx.filter_jit
-    def chunk(s, nbrs, length: int):
-        def body(carry, _):
-            s, nbrs = carry
-            # After an overflow the rest of the chunk is skipped (and rerun after reallocating).
-            s = jax.lax.cond(nbrs.did_buffer_overflow, lambda: s, lambda: step_fn(s, nbrs))
-            nbrs = neighbor_fn.update(s.position, nbrs, box_of(s))
-            out = None if observe is None else observe(s, nbrs)
-            return (s, nbrs), out
-
-        (s, nbrs), outs = jax.lax.scan(body, (s, nbrs), None, length=length)
-        return s, nbrs, outs
-
     observations, done = [], 0
     while done < num_steps:
         length = min(steps_per_chunk, num_steps - done)
-        new_state, new_nbrs, outs = chunk(state, neighbors, length)
+        new_state, new_nbrs, outs = _run_chunk(
+            step_fn, neighbor_fn, observe, box_fn, state, neighbors, steps_per_chunk, jnp.asarray(length)
+        )
         if bool(new_nbrs.did_buffer_overflow):
-            extra = max(int(math.ceil(neighbors.capacity * (neighbor_fn.fns.capacity_multiplier - 1.0))), 16)
-            neighbors = neighbor_fn.allocate(state.position, box_of(state), extra_capacity=extra)
+            extra = max(math.ceil(neighbors.capacity * (neighbor_fn.fns.capacity_multiplier - 1.0)), 16)
+            box = None if box_fn is None else box_fn(state)
+            neighbors = neighbor_fn.allocate(state.position, box, extra_capacity=extra)
             continue
         if not bool(jnp.all(jnp.isfinite(new_state.position))):
             raise FloatingPointError(
                 f"positions became NaN/inf between steps {done} and {done + length}; reduce the "
                 "timestep or check the starting structure (overlapping atoms?)."
             )
+        if length < steps_per_chunk and outs is not None:
+            outs = jax.tree.map(lambda x: x[:length], outs)
         state, neighbors, done = new_state, new_nbrs, done + length
         if observe is not None:
             observations.append(outs)

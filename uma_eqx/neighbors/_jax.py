@@ -37,7 +37,9 @@ class NeighborList(eqx.Module):
     `did_buffer_overflow` (the buffer or the image range was too small at some rebuild: the
     list is invalid and must be reallocated with
     [`uma_eqx.neighbors.NeighborListFns.allocate`][]), and the static `image_range` (the
-    largest `|S_a|` searched per axis, fixed at allocation).
+    largest `|S_a|` searched per axis, fixed at allocation) and `minimum_image` (the cell is
+    at least twice `cutoff + skin` wide along every periodic axis, so each pair has at most one
+    image in range, found by rounding: an `atoms²` search instead of `atoms² × images`).
     """
 
     edge_index: Int[Array, "2 capacity"]
@@ -48,6 +50,7 @@ class NeighborList(eqx.Module):
     num_candidates: Int[Array, ""]
     did_buffer_overflow: Bool[Array, ""]
     image_range: tuple[int, int, int] = eqx.field(static=True)
+    minimum_image: bool = eqx.field(static=True, default=False)
 
     @property
     def capacity(self) -> int:
@@ -152,7 +155,8 @@ class NeighborListFns:
                     "give three independent lattice vectors or use pbc=False."
                 )
         image_range = tuple(int(n) for n in np.asarray(self._needed_range(cell)))
-        num_images = len(_image_shifts(image_range))
+        minimum_image = any(self.pbc) and bool(self._minimum_image_ok(cell))
+        num_images = 1 if minimum_image else len(_image_shifts(image_range))
         table = positions.shape[0] ** 2 * num_images
         if table > MAX_PAIR_TABLE:
             raise ValueError(
@@ -160,24 +164,39 @@ class NeighborListFns:
                 f"{table:,} pairs exceeds {MAX_PAIR_TABLE:,}; use the host graph "
                 "(AtomicGraph.from_atoms / UMACalculator) for systems this large."
             )
-        mask, _ = self._candidate_mask(positions, cell, image_range)
+        mask, _ = self._candidate_mask(positions, cell, image_range, minimum_image)
         count = int(jnp.sum(mask))
-        capacity = max(int(math.ceil(count * self.capacity_multiplier)) + int(extra_capacity), 1)
-        return self._build(positions, cell, capacity, image_range)
+        capacity = max(math.ceil(count * self.capacity_multiplier) + int(extra_capacity), 1)
+        return self._build(positions, cell, capacity, image_range, minimum_image)
+
+    def _minimum_image_ok(self, cell: Float[Array, "3 3"]) -> Bool[Array, ""]:
+        widths = _perpendicular_widths(cell)
+        return jnp.all(jnp.where(jnp.asarray(self.pbc), widths >= 2.0 * self.radius, True))
 
     def _candidate_mask(
-        self, positions: Float[Array, "atoms 3"], cell: Float[Array, "3 3"], image_range: tuple[int, int, int]
-    ) -> tuple[Bool[Array, "atoms atoms images"], Float[Array, "images 3"]]:
-        shifts = jnp.asarray(_image_shifts(image_range), positions.dtype)
+        self,
+        positions: Float[Array, "atoms 3"],
+        cell: Float[Array, "3 3"],
+        image_range: tuple[int, int, int],
+        minimum_image: bool,
+    ) -> tuple[Bool[Array, "atoms atoms images"], Float[Array, "_ _ images 3"]]:
+        """Pairs `(target i, source j, image k)` within `cutoff + skin`, and their shifts `S`."""
         n = positions.shape[0]
         wrapped, _ = self._wrap(positions, cell)
-        # vec[i, j, k] = w_j - w_i + S_k H (target i, source j), on positions wrapped into the
-        # cell, where |S_a| <= ceil((cutoff + skin) / w_a) finds every image.
-        offsets = shifts @ cell
-        vec = wrapped[None, :, None, :] - wrapped[:, None, None, :] + offsets[None, None, :, :]
+        if minimum_image:
+            # One candidate image per pair: the fractional difference rounded to the nearest
+            # lattice vector (exact when every periodic width is >= 2 (cutoff + skin)).
+            frac = jnp.linalg.solve(cell.T, wrapped.T).T
+            delta = frac[None, :, :] - frac[:, None, :]
+            shifts = jnp.where(jnp.asarray(self.pbc), -jnp.round(delta), 0.0)[:, :, None, :]
+        else:
+            # vec[i, j, k] = w_j - w_i + S_k H, where |S_a| <= ceil((cutoff + skin) / w_a)
+            # finds every image of positions wrapped into the cell.
+            shifts = jnp.asarray(_image_shifts(image_range), positions.dtype)[None, None]
+        vec = wrapped[None, :, None, :] - wrapped[:, None, None, :] + shifts @ cell
         d2 = jnp.sum(vec * vec, axis=-1)
         zero_shift = jnp.all(shifts == 0, axis=-1)
-        self_pair = jnp.eye(n, dtype=bool)[:, :, None] & zero_shift[None, None, :]
+        self_pair = jnp.eye(n, dtype=bool)[:, :, None] & zero_shift
         return (d2 <= self.radius**2) & ~self_pair, shifts
 
     def _wrap(
@@ -191,8 +210,9 @@ class NeighborListFns:
         k = jnp.where(jnp.asarray(self.pbc), jnp.floor(frac), 0.0)
         return positions - k @ cell, k
 
-    def _build(self, positions, cell, capacity: int, image_range, overflow=False) -> NeighborList:
-        mask, shifts = self._candidate_mask(positions, cell, image_range)
+    def _build(self, positions, cell, capacity: int, image_range, minimum_image, overflow=False) -> NeighborList:
+        mask, shifts = self._candidate_mask(positions, cell, image_range, minimum_image)
+        shifts = jnp.broadcast_to(shifts, mask.shape + (3,))
         n, _, k = mask.shape
         count = jnp.sum(mask, dtype=jnp.int32)
         (flat,) = jnp.nonzero(mask.reshape(-1), size=capacity, fill_value=-1)
@@ -204,9 +224,12 @@ class NeighborListFns:
         edge_index = jnp.stack([jnp.where(valid, source, last), jnp.where(valid, target, last)])
         # Back to the unwrapped positions: r = w + k H, so S' = S - (k_j - k_i).
         _, k_img = self._wrap(positions, cell)
-        edge_shift = jnp.where(valid[:, None], shifts[image] - (k_img[source] - k_img[target]), 0.0)
-        needed = self._needed_range(cell)
-        images_ok = jnp.all(needed <= jnp.asarray(image_range))
+        pair_shift = shifts[target, source, image]
+        edge_shift = jnp.where(valid[:, None], pair_shift - (k_img[source] - k_img[target]), 0.0)
+        if minimum_image:
+            images_ok = self._minimum_image_ok(cell)
+        else:
+            images_ok = jnp.all(self._needed_range(cell) <= jnp.asarray(image_range))
         return NeighborList(
             edge_index=edge_index.astype(jnp.int32),
             edge_shift=edge_shift,
@@ -216,6 +239,7 @@ class NeighborListFns:
             num_candidates=count,
             did_buffer_overflow=jnp.asarray(overflow) | (count > capacity) | ~images_ok,
             image_range=image_range,
+            minimum_image=minimum_image,
         )
 
     def update(
@@ -239,13 +263,14 @@ class NeighborListFns:
         """
         cell = neighbors.reference_cell if cell is None else cell
         moved = jnp.max(jnp.linalg.norm(self.unwrap(positions, neighbors, cell) - neighbors.reference_positions, axis=-1))
-        shifts = jnp.asarray(_image_shifts(neighbors.image_range), positions.dtype)
+        shifts = jnp.asarray(_image_shifts(neighbors.image_range), positions.dtype)  # |S| bound, both modes
         strained = jnp.max(jnp.linalg.norm(shifts @ (cell - neighbors.reference_cell), axis=-1))
         stale = 2.0 * moved + strained > self.skin
         return jax.lax.cond(
             stale,
             lambda: self._build(
-                positions, cell, neighbors.capacity, neighbors.image_range, neighbors.did_buffer_overflow
+                positions, cell, neighbors.capacity, neighbors.image_range, neighbors.minimum_image,
+                neighbors.did_buffer_overflow,
             ),
             lambda: neighbors,
         )
