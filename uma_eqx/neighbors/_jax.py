@@ -79,7 +79,8 @@ class NeighborListFns:
     buffer, or a deformed cell needs more images, `did_buffer_overflow` is set (and stays
     set) and the caller must reallocate; neighbours are never dropped silently.
 
-    The rebuild is a brute-force pair search (`atoms² × images` distances, no cell list),
+    The rebuild is a brute-force pair search (no cell list): `atoms²` distances when every
+    periodic width is at least `2 (cutoff + skin)` (minimum image), else `atoms² × images`;
     fine up to a few thousand atoms; larger tables are refused at allocation.
 
     **Arguments:**
