@@ -30,3 +30,16 @@ def rel_err(a, b) -> float:
 @pytest.fixture(scope="session")
 def fixtures_dir():
     return FIXTURES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Every XLA:CPU executable keeps memory mappings alive; the whole suite compiles thousands of
+    programs and, in one process, reached the kernel's `vm.max_map_count` (65530), after which
+    compilation crashed (SIGSEGV/SIGABRT inside `backend_compile`). Clearing the caches between
+    modules releases them.
+    """
+    yield
+    jax.clear_caches()
