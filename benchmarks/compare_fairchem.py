@@ -752,6 +752,9 @@ def write_docs(results: dict, outdir: Path) -> Path:
             "rerun the command below on a quiet machine for the real comparison.\n\n"
         )
     text += "## Results\n\n" + body
+    notes = HERE / "performance_notes.md"  # hand-written measurements kept across regenerations
+    if notes.exists():
+        text += "\n" + notes.read_text()
     text += (
         "\nRaw results: [results.json](" + DOCS_ASSETS + "/results.json).\n\n"
         "## Reproduce\n\n```bash\n" + results["command"] + "\n```\n\n"
