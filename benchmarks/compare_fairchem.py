@@ -768,6 +768,14 @@ def write_docs(results: dict, outdir: Path) -> Path:
 # ----------------------------------------------------------------------------------------
 
 
+def add_worker_args(p: argparse.ArgumentParser, workers: dict) -> None:
+    """`--verbose` and the hidden worker-protocol options shared by the benchmark drivers."""
+    p.add_argument("--verbose", action="store_true", help="print worker logs on failure")
+    p.add_argument("--worker", choices=sorted(workers), help=argparse.SUPPRESS)
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -795,10 +803,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", type=Path, default=HERE / "results", help="directory for results.json, results.md, plots")
     p.add_argument("--from-json", type=Path, help="only re-render tables/plots/docs from a saved results.json")
-    p.add_argument("--verbose", action="store_true", help="print worker logs on failure")
-    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    p.add_argument("--job", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_args(p, WORKERS)
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.big = [64], 2, []

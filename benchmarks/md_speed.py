@@ -293,10 +293,7 @@ def parse_args(argv=None):
     p.add_argument("--job-timeout", type=float, default=3600.0, help="kill a worker after this many seconds")
     p.add_argument("--quick", action="store_true", help="harness check: --sizes 64 --steps 40 --chunk 20")
     p.add_argument("--json", type=Path, help="write the raw rows and settings here")
-    p.add_argument("--verbose", action="store_true", help="print worker logs on failure")
-    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    p.add_argument("--job", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    cf.add_worker_args(p, WORKERS)
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.steps, args.chunk, args.full_steps = [64], [40], 20, 2
