@@ -226,8 +226,9 @@ def optimize(structure, model_path, task, charge, spin, fmax, cell, steps, optim
 @click.option("--timestep", default=1.0, show_default=True, help="Timestep (fs).")
 @click.option("--steps", default=1000, show_default=True, help="Number of MD steps.")
 @click.option("--interval", default=10, show_default=True, help="Write a frame and a log line every N steps.")
-@click.option("--engine", type=click.Choice(["jax-md", "ase"]), default="jax-md", show_default=True,
-              help="jax-md: whole chunks on the device under lax.scan; ase: the ASE calculator.")
+@click.option("--engine", type=click.Choice(["auto", "jax-md", "ase"]), default="auto", show_default=True,
+              help="jax-md: whole chunks on the device under lax.scan (needs the md extra); ase: the ASE "
+                   "calculator; auto: jax-md when installed, else ase.")
 @click.option("--seed", default=0, show_default=True, help="Velocity seed.")
 @click.option("--output", default=None, type=click.Path(),
               help="Trajectory (.extxyz or .traj); default: STRUCTURE stem + _md.extxyz (+ .log, .png).")
@@ -257,6 +258,10 @@ def md(structure, model_path, task, charge, spin, ensemble, temperature, pressur
         atoms = _one_structure(structure)
     _set_charge_spin(atoms, charge, spin)
     name = _task_for(model, task, atoms, structure)
+    if engine == "auto":
+        import importlib.util
+
+        engine = "jax-md" if importlib.util.find_spec("jax_md") is not None else "ase"
     bar = tqdm(total=steps, desc=f"md {ensemble} ({engine})", unit="step")
 
     def progress(step, row):
