@@ -512,16 +512,18 @@ def comparison_table(rows) -> str:
 
 
 def _attach_flops(rows) -> None:
-    """Single-system fairchem rows get the FLOP count XLA reports for the same model and structure.
+    """fairchem rows get the FLOP count XLA reports for uma_eqx on the same model and structures.
 
-    Not batches: uma_eqx's unmerged MoLE on a multi-system batch evaluates every row against
-    every system's mixed weights (`nn/_linear.py`), so its count is ~systems times the
-    useful work and would overstate fairchem's rate.
+    Batches: the uma_eqx row counts each system alone with merged experts (the per-system math
+    that fairchem's MoLE also does), summed over the systems.
     """
     for r in _ok(rows):
-        if r["impl"] != "fairchem" or r.get("flops") or r["mode"] == "batch":
+        if r["impl"] != "fairchem" or r.get("flops"):
             continue
-        ev = "calculator merged" if r["merged"] else "calculator unmerged"
+        if r["mode"] == "batch":
+            ev = r["variant"]
+        else:
+            ev = "calculator merged" if r["merged"] else "calculator unmerged"
         e = _find(rows, "uma_eqx", ev, r["atoms"])
         if e is not None:
             r["flops"] = e.get("flops")
@@ -683,9 +685,8 @@ def report_markdown(results: dict, img_prefix: str | None) -> str:
     add("")
     add("GFLOP/s: XLA's FLOP count of the jitted energy+forces(+stress) call on the unpadded graph "
         "(`cost_analysis()['flops']`), divided by the best time; single-system fairchem rows use the same count "
-        "(same model, same structure). The uma_eqx batch row counts what uma_eqx executes: its unmerged "
-        "multi-system MoLE evaluates every edge against every system's mixed weights (padded system included), "
-        "several times the work of a per-system evaluation, so it is not given to the fairchem batch row.")  # fmt: skip
+        "(same model, same structure). Batch rows (both implementations) count the sum over the systems of "
+        "each system alone with merged experts: the model's math, without the batch's padding.")  # fmt: skip
     add("")
     scal = scaling_table(rows)
     if scal.count("\n") > 1:

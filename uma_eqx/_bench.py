@@ -323,7 +323,9 @@ def benchmark_uma_eqx_batch(
 
     The graph (`AtomicGraph.from_atoms(systems, pad=True)`) is built once; the timed call is
     `eqx.filter_jit(energy_forces_stress)`. Returns one row like [`benchmark_uma_eqx`][]'s, with
-    `energy` the list of per-system energies.
+    `energy` the list of per-system energies. `flops` is the sum over the systems of XLA's count
+    for each one alone with its experts merged: the model's math for the batch (what fairchem's
+    per-system MoLE computes too), without the batch's padding.
     """
     import equinox as eqx
     import jax
@@ -354,9 +356,20 @@ def benchmark_uma_eqx_batch(
         "repeats": repeats,
         "energy": energy,
         "last_step": None,
-        "flops": xla_flops(model, graph, stress=stress) if flops else None,
+        "flops": _sum_of_system_flops(model, systems, task, stress) if flops else None,
         "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def _sum_of_system_flops(model, systems, task_name: str, stress: bool) -> float | None:
+    total = 0.0
+    for atoms in systems:
+        graph = _graph(atoms, model, task_name, pad=False)
+        count = xla_flops(merged_model(model, graph), graph, stress=stress)
+        if count is None:
+            return None
+        total += count
+    return total
 
 
 # ----------------------------------------------------------------------------------------

@@ -68,28 +68,57 @@ class EdgeFrame(eqx.Module):
     system: Int[Array, " edges"]
 
 
-def _split_edges(frame: EdgeFrame, chunk_size: int, num_atoms: int) -> EdgeFrame:
-    """`frame` reshaped to `(chunks, chunk, ...)`, padded with null edges if needed.
+def _chunk_layout(num_edges: int, num_groups: int, chunk_size: int) -> tuple[int, int]:
+    """`(num_chunks, chunk)`: enough `chunk`-edge chunks for `num_edges` edges in `num_groups`
+    contiguous groups when no chunk may hold edges of two groups.
 
-    Null edges have zero rotations (so zero messages) and target the last atom, which keeps
-    the edges sorted by target.
+    One group: `chunk <= chunk_size` is balanced so that padding is below one edge per chunk.
+    Several: each group wastes less than one chunk, so `(edges + groups (chunk - 1)) // chunk`
+    chunks always suffice.
+    """
+    if num_groups == 1:
+        num_chunks = max(1, -(-num_edges // chunk_size))
+        return num_chunks, max(1, -(-num_edges // num_chunks))
+    return max(1, (num_edges + num_groups * (chunk_size - 1)) // chunk_size), chunk_size
+
+
+def _split_edges(
+    frame: EdgeFrame, chunk_size: int, group: Int[Array, " edges"] | None, num_groups: int
+) -> tuple[EdgeFrame, Int[Array, " chunks"]]:
+    """`frame` laid out as `(chunks, chunk, ...)` so that no chunk mixes two groups.
+
+    `group` (non-decreasing, e.g. the system of each edge) labels contiguous groups of edges;
+    `None` is one group. Each group starts a new chunk; slots left over are null edges (zero
+    rotations and radial features, hence zero messages and zero gradients).
+
+    **Returns:**
+
+    The chunked frame and the group of each chunk (`num_groups` for unused chunks, which
+    hold only null edges).
     """
     num_edges = frame.source.shape[0]
-    num_chunks = -(-num_edges // chunk_size)
-    chunk = -(-num_edges // num_chunks)
-    pad = num_chunks * chunk - num_edges
-    if pad:
-        last_system = frame.system[-1:]
-        fill = EdgeFrame(
-            jnp.zeros((pad, *frame.wigner.shape[1:]), frame.wigner.dtype),
-            jnp.zeros((pad, *frame.wigner_inv_envelope.shape[1:]), frame.wigner_inv_envelope.dtype),
-            jnp.zeros((pad, frame.x_edge.shape[1]), frame.x_edge.dtype),
-            jnp.zeros(pad, frame.source.dtype),
-            jnp.full(pad, num_atoms - 1, frame.target.dtype),
-            jnp.broadcast_to(last_system, (pad,)),
-        )
-        frame = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), frame, fill)
-    return jax.tree.map(lambda a: a.reshape(num_chunks, chunk, *a.shape[1:]), frame)
+    num_chunks, chunk = _chunk_layout(num_edges, num_groups, chunk_size)
+    if group is None:
+        counts = jnp.array([num_edges])
+    else:
+        counts = jax.ops.segment_sum(jnp.ones_like(group), group, num_segments=num_groups)
+    group_chunks = -(-counts // chunk)
+    chunks_end = jnp.cumsum(group_chunks)
+    chunk_group = jnp.searchsorted(chunks_end, jnp.arange(num_chunks), side="right")
+    # the group of each slot, its position inside the group, and the edge it holds
+    slot = jnp.arange(num_chunks * chunk)
+    slot_group = jnp.minimum(chunk_group, num_groups - 1)[slot // chunk]
+    k = slot - (chunks_end - group_chunks)[slot_group] * chunk
+    valid = (chunk_group[slot // chunk] < num_groups) & (k < counts[slot_group])
+    edge = jnp.where(valid, (jnp.cumsum(counts) - counts)[slot_group] + k, 0)
+
+    def place(a):
+        a = a[edge]
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            a = jnp.where(valid.reshape(-1, *([1] * (a.ndim - 1))), a, 0)
+        return a.reshape(num_chunks, chunk, *a.shape[1:])
+
+    return jax.tree.map(place, frame), chunk_group
 
 
 class Edgewise(eqx.Module):
@@ -98,11 +127,13 @@ class Edgewise(eqx.Module):
     Port of `fairchem.core.models.uma.escn_md_block.Edgewise` (`act_type="gate"`,
     general execution backend). Messages aggregate on the target atom with no degree rescale.
 
-    Edges are processed in chunks of `edge_chunk_size` (a `lax.scan` that scatter-adds each
-    chunk's messages: the same sum in a different order). Each chunk's messages are under
+    Edges are processed in chunks of at most `edge_chunk_size` (a `lax.scan` that scatter-adds
+    each chunk's messages: the same sum in a different order). Each chunk's messages are under
     `jax.checkpoint`: the backward pass keeps only the SO(2)-convolution outputs that fit
     `EDGE_RESIDUAL_BUDGET` and recomputes the rest of the chunk, so memory stays a small
-    multiple of the edge count.
+    multiple of the edge count. With MoLE routing (unmerged experts) the experts are merged
+    once per system and no chunk mixes two systems (see `_split_edges`), so a batch of
+    different systems costs one matmul per chunk, like a single system.
     """
 
     so2_conv_1: SO2Convolution
@@ -150,30 +181,51 @@ class Edgewise(eqx.Module):
         self, x: Float[Array, "atoms coeffs channels"], frame: EdgeFrame, routing: MoLERouting | None
     ) -> Float[Array, "atoms coeffs channels"]:
         with jax.named_scope("edgewise"):
-            chunks = _split_edges(frame, self.edge_chunk_size, x.shape[0])
-            policy = jax.checkpoint_policies.save_only_these_names(*self._saved_names(frame.source.shape[0], x.dtype))
-            messages = jax.checkpoint(type(self).messages, prevent_cse=False, policy=policy)
-
-            layer = self
-            if routing is not None:
-                # merge the experts once per system, not once per chunk
-                layer = jax.tree.map(
+            if routing is None:
+                num_systems = 1
+                chunks, chunk_systems = _split_edges(frame, self.edge_chunk_size, None, 1)
+                per_system = self
+            else:
+                # Merge the experts once per system, and lay the edges out so that every chunk
+                # belongs to one system: a chunk then costs one matmul with its system's weights
+                # (the per-system grouped matmul of fairchem's MOLE, without ragged shapes).
+                num_systems = routing.coefficients.shape[0]
+                chunks, chunk_systems = _split_edges(frame, self.edge_chunk_size, frame.system, num_systems)
+                per_system = jax.tree.map(
                     lambda m: m.merge_per_system(routing.coefficients) if isinstance(m, MoLELinear) else m,
                     self,
                     is_leaf=lambda m: isinstance(m, MoLELinear),
                 )
-                identity = jnp.eye(routing.coefficients.shape[0], dtype=routing.coefficients.dtype)
 
-            def step(total, chunk):
-                chunk_routing = None
-                if routing is not None:
-                    sizes = jax.ops.segment_sum(
-                        jnp.ones_like(chunk.system), chunk.system, num_segments=identity.shape[0]
+            def system_messages(per_system, x, chunk, system):
+                # The system's weights are sliced inside the checkpoint (the backward pass slices
+                # them again instead of keeping a weight copy per chunk). The layout reserves the
+                # worst case of chunks; unused ones (`system == num_systems`) are skipped.
+                def run(system):
+                    layer = jax.tree.map(
+                        lambda m: m.expert(system) if isinstance(m, MoLELinear) else m,
+                        per_system,
+                        is_leaf=lambda m: isinstance(m, MoLELinear),
                     )
-                    chunk_routing = MoLERouting(identity, sizes)
-                return total.at[chunk.target].add(messages(layer, x, chunk, chunk_routing)), None
+                    return layer.messages(x, chunk, None)
 
-            total, _ = jax.lax.scan(step, jnp.zeros_like(x), chunks)
+                if num_systems == 1:
+                    return run(0)
+                return jax.lax.cond(
+                    system < num_systems,
+                    run,
+                    lambda _: jnp.zeros((chunk.source.shape[0], *x.shape[1:]), x.dtype),
+                    jnp.minimum(system, num_systems - 1),
+                )
+
+            policy = jax.checkpoint_policies.save_only_these_names(*self._saved_names(chunks.source.size, x.dtype))
+            messages = jax.checkpoint(system_messages, prevent_cse=False, policy=policy)
+
+            def step(total, chunk_and_system):
+                chunk, system = chunk_and_system
+                return total.at[chunk.target].add(messages(per_system, x, chunk, system)), None
+
+            total, _ = jax.lax.scan(step, jnp.zeros_like(x), (chunks, chunk_systems))
             return total
 
 

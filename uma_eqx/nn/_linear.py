@@ -46,10 +46,10 @@ class MoLELinear(eqx.Module):
 
     Port of `fairchem.core.models.uma.nn.mole.MOLE`. Rows must be grouped contiguously by
     system (edges sorted by target atom, atoms sorted by system), as fairchem requires. Rows
-    that all belong to one system (one system, or one chunk of a batch's edges) cost one matmul
-    with that system's merged weight; otherwise the cheaper of two exact evaluations is used:
-    mixing the experts per row (cost ~ experts) or applying each system's merged weight (cost
-    ~ systems).
+    that all belong to one system cost one matmul with that system's merged weight; otherwise
+    the cheaper of two exact evaluations is used: mixing the experts per row (cost ~ experts)
+    or applying each system's merged weight (cost ~ systems). The model's edgewise layer avoids
+    the mixed case (`merge_per_system`, then `expert(s)` on system-aligned chunks of edges).
     """
 
     weights: Float[Array, "experts out in"]
@@ -103,6 +103,15 @@ class MoLELinear(eqx.Module):
         """
         w = jnp.einsum("se,eoi->soi", coefficients.astype(self.weights.dtype), self.weights)
         return eqx.tree_at(lambda l: l.weights, self, w)
+
+    def expert(self, index: Int[Array, ""] | int) -> Linear:
+        """Expert `index` (may be traced) as a plain [`Linear`][] with the shared bias.
+
+        After [`MoLELinear.merge_per_system`][], expert `s` is system `s`'s merged layer.
+        """
+        lin = eqx.filter_eval_shape(Linear, 1, 1, key=jax.random.key(0))
+        w = jnp.take(self.weights, index, axis=0)
+        return eqx.tree_at(lambda l: (l.weight, l.bias), lin, (w, self.bias), is_leaf=lambda v: v is None)
 
     def merge(self, coefficients: Float[Array, " experts"]) -> Linear:
         """A plain [`Linear`][] with weight `sum_e c[e] W_e` and the shared bias."""
