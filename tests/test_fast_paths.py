@@ -47,11 +47,7 @@ def _graph() -> uma_eqx.AtomicGraph:
 
 
 def _with_chunk_size(model: uma_eqx.UMA, size: int) -> uma_eqx.UMA:
-    # `edge_chunk_size` is a static field (part of the compiled program): copy and set it
-    model = jax.tree.map(lambda leaf: leaf, model)
-    for block in model.backbone.blocks:
-        object.__setattr__(block.edge_wise, "edge_chunk_size", size)
-    return model
+    return _block.with_edge_chunk_size(model, size)
 
 
 def _assert_same(a: dict, b: dict):

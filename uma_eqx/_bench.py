@@ -126,11 +126,18 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def xla_flops(model, graph, *, stress: bool = False) -> float | None:
-    """FLOPs XLA counts for one jitted energy+forces(+stress) call (`cost_analysis()['flops']`)."""
+    """FLOPs XLA counts for one jitted energy+forces(+stress) call (`cost_analysis()['flops']`).
+
+    Counted on the unchunked program (one chunk of edges): XLA counts a loop body once, so the
+    chunked program's count would miss all chunks but one. Compiled, never run.
+    """
     import equinox as eqx
     import jax
 
+    from ._block import with_edge_chunk_size
+
     try:
+        model = with_edge_chunk_size(model, max(1, int(graph.edge_index.shape[1])))
         dynamic, static = eqx.partition((model, graph), eqx.is_array)
         efs = _efs_fn(stress)
         lowered = jax.jit(lambda d: efs(*eqx.combine(d, static))).lower(dynamic)

@@ -229,6 +229,20 @@ class Edgewise(eqx.Module):
             return total
 
 
+def with_edge_chunk_size(tree, size: int):
+    """A copy of `tree` (a model or any pytree of modules) whose `Edgewise` layers use `size`-edge chunks.
+
+    `edge_chunk_size` is static (part of the compiled program), so it is set on a rebuilt copy.
+    A size at least the edge count gives the unchunked program: one `scan` step, whose FLOPs
+    XLA's cost analysis counts correctly (it counts a loop body once).
+    """
+    tree = jax.tree.map(lambda leaf: leaf, tree)  # new module instances, same arrays
+    for module in jax.tree.leaves(tree, is_leaf=lambda m: isinstance(m, Edgewise)):
+        if isinstance(module, Edgewise):
+            object.__setattr__(module, "edge_chunk_size", size)
+    return tree
+
+
 class AbstractAtomwise(eqx.Module):
     """Per-atom feed-forward network on `[coeffs, channels]` features."""
 
