@@ -160,6 +160,23 @@ class UMAConfig:
                 "or use a model that covers them"
             )
 
+    def check_atoms(self, atoms, label: str = "structure") -> None:
+        """Refuse a structure (`ase.Atoms`) the model cannot evaluate, with the reason and the fix.
+
+        Checks the elements (`check_elements`) and fairchem's rule that a single non-periodic
+        atom needs a model with `supports_single_atoms` (fairchem tabulates isolated-atom
+        energies instead of running the model). `label` names the structure in the error.
+        """
+        try:
+            self.check_elements(atoms.get_atomic_numbers())
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+        if len(atoms) == 1 and not atoms.pbc.any() and not self.supports_single_atoms:
+            raise ValueError(
+                f"{label}: a single non-periodic atom; this model does not support isolated atoms (fairchem "
+                "needs tabulated atom references for them): put the atom in a periodic box or use reference energies"
+            )
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 

@@ -18,30 +18,6 @@ def _efs(model: UMA, graph: AtomicGraph, stress: bool) -> dict:
     return energy_forces_stress(model, graph, stress=stress)
 
 
-def check_atoms_for_model(config: UMAConfig, atoms: ase.Atoms, label: str = "structure") -> None:
-    """Refuse structures the model cannot evaluate, with the reason and the fix.
-
-    Checks the elements against the model's table and fairchem's rule that a single
-    non-periodic atom needs a model with `supports_single_atoms` (fairchem tabulates isolated
-    atom energies instead of running the model).
-
-    **Arguments:**
-
-    - `config`: the model's config.
-    - `atoms`: the structure.
-    - `label`: how to name the structure in the error.
-    """
-    try:
-        config.check_elements(atoms.get_atomic_numbers())
-    except ValueError as e:
-        raise ValueError(f"{label}: {e}") from None
-    if len(atoms) == 1 and not atoms.pbc.any() and not config.supports_single_atoms:
-        raise ValueError(
-            f"{label}: a single non-periodic atom; this model does not support isolated atoms (fairchem "
-            "needs tabulated atom references for them): put the atom in a periodic box or use reference energies"
-        )
-
-
 @dataclasses.dataclass
 class _Capacity:
     """Grow-only padded sizes: a stream compiles once per growth step, never per structure."""
@@ -167,7 +143,7 @@ def predict(
                 raise ValueError(f"structure #{k} is a {type(atoms).__name__}, not an ase.Atoms.")
             task = _task_of(cfg, atoms, task_name, k)
             cfg.dataset_index(task)  # unknown task: error with the list
-            check_atoms_for_model(cfg, atoms, f"structure #{k}")
+            cfg.check_atoms(atoms, f"structure #{k}")
             batch.append(atoms)
             tasks.append(task)
             if len(batch) == batch_size:

@@ -7,7 +7,6 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from ._graph import AtomicGraph
 from ._potential import UMA, energy_forces_stress, merge_experts
-from ._predict import check_atoms_for_model
 
 
 @eqx.filter_jit
@@ -60,7 +59,7 @@ class UMACalculator(Calculator):
         self._merged_model = None
 
     def _check_atoms(self, atoms) -> None:
-        check_atoms_for_model(self.model.config, atoms, "atoms")
+        self.model.config.check_atoms(atoms, "atoms")
 
     def _model_for(self, graph: AtomicGraph, atoms) -> UMA:
         if not self.merge:

@@ -44,18 +44,6 @@ class MDResult:
     steps_per_second: float
 
 
-def _log_row(step, dt_fs, epot, ekin, natoms, volume):
-    return {
-        "step": int(step),
-        "time_fs": float(step * dt_fs),
-        "epot": float(epot),
-        "ekin": float(ekin),
-        "etot": float(epot + ekin),
-        "temperature_K": float(2.0 * ekin / (3.0 * natoms * units.kB)),
-        "volume_A3": float(volume),
-    }
-
-
 def run_md(
     model: UMA,
     atoms: ase.Atoms,
@@ -114,13 +102,46 @@ def run_md(
     return run(model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback)
 
 
-def _frame(atoms, positions, momenta, cell, step, dt_fs, energy):
-    frame = atoms.copy()
-    frame.set_cell(cell)
-    frame.positions = positions
-    frame.set_momenta(momenta)
-    frame.info.update(step=int(step), time_fs=float(step * dt_fs), energy=float(energy))
-    return frame
+class _Recorder:
+    """Frames, log rows and the steps/s clock shared by both engines."""
+
+    def __init__(self, atoms: ase.Atoms, timestep_fs: float, callback):
+        self.atoms, self.timestep_fs, self.callback = atoms, timestep_fs, callback
+        self.frames, self.log = [], []
+        self._t0 = self._s0 = None
+
+    def __call__(self, step: int, positions, momenta, cell, epot: float, ekin: float) -> None:
+        step, epot, ekin = int(step), float(epot), float(ekin)
+        if not math.isfinite(epot + ekin):
+            raise FloatingPointError(f"energy became NaN/inf by step {step}; reduce the timestep")
+        natoms = len(self.atoms)
+        volume = abs(float(np.linalg.det(np.asarray(cell)))) if self.atoms.pbc.all() else float("nan")
+        time_fs = float(step * self.timestep_fs)
+        row = {
+            "step": step,
+            "time_fs": time_fs,
+            "epot": epot,
+            "ekin": ekin,
+            "etot": epot + ekin,
+            "temperature_K": 2.0 * ekin / (3.0 * natoms * units.kB),
+            "volume_A3": volume,
+        }
+        self.log.append(row)
+        frame = self.atoms.copy()
+        frame.set_cell(cell if self.atoms.pbc.any() else self.atoms.cell)
+        frame.positions = np.asarray(positions, np.float64)
+        frame.set_momenta(np.asarray(momenta, np.float64))
+        frame.info.update(step=step, time_fs=time_fs, energy=epot)
+        self.frames.append(frame)
+        if step > 0 and self._t0 is None:  # the clock starts after the first (compiling) stretch
+            self._t0, self._s0 = time.perf_counter(), step
+        if self.callback is not None:
+            self.callback(step, row)
+
+    def result(self) -> MDResult:
+        done = self.log[-1]["step"] - (self._s0 or 0)
+        elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
+        return MDResult(self.frames, self.log, done / elapsed if elapsed > 0 and done > 0 else float("nan"))
 
 
 def _run_ase(model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback):
@@ -136,27 +157,14 @@ def _run_ase(model, atoms, task_name, ensemble, temperature_K, timestep_fs, step
     else:
         dyn = IsotropicMTKNPT(atoms, dt, temperature_K, pressure_GPa * units.GPa,
                               tdamp=THERMOSTAT_STEPS * dt, pdamp=BAROSTAT_STEPS * dt, logfile=None)
-    frames, log = [], []
-    clock = {}
-
-    def record():
-        step = dyn.nsteps
-        epot, ekin = atoms.get_potential_energy(), atoms.get_kinetic_energy()
-        row = _log_row(step, timestep_fs, epot, ekin, len(atoms), atoms.get_volume() if atoms.pbc.all() else float("nan"))
-        if not math.isfinite(row["etot"]):
-            raise FloatingPointError(f"energy became NaN/inf at step {step}; reduce the timestep")
-        log.append(row)
-        frames.append(_frame(atoms, atoms.positions, atoms.get_momenta(), atoms.cell, step, timestep_fs, epot))
-        if step > 0 and "t0" not in clock:
-            clock["t0"], clock["s0"] = time.perf_counter(), step
-        if callback is not None:
-            callback(step, row)
-
-    dyn.attach(record, interval=interval)
+    record = _Recorder(atoms, timestep_fs, callback)
+    dyn.attach(
+        lambda: record(dyn.nsteps, atoms.positions, atoms.get_momenta(), np.asarray(atoms.cell),
+                       atoms.get_potential_energy(), atoms.get_kinetic_energy()),
+        interval=interval,
+    )  # fmt: skip
     dyn.run(steps)
-    elapsed = time.perf_counter() - clock.get("t0", time.perf_counter())
-    done = log[-1]["step"] - clock.get("s0", 0)
-    return MDResult(frames, log, done / elapsed if elapsed > 0 and done > 0 else float("nan"))
+    return record.result()
 
 
 def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback):
@@ -206,36 +214,24 @@ def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, s
         epot = energy_fn(s.position, neighbor=n, **({"box": box_fn(s)} if npt else {}))
         return jnp.stack([epot, quantity.kinetic_energy(momentum=s.momentum, mass=s.mass)])
 
-    frames, log = [], []
-    clock = {}
+    record = _Recorder(atoms, timestep_fs, callback)
 
-    def record(step, s, epot, ekin):
+    def record_state(step, s, epot, ekin):
         positions, b = cartesian(s)
-        cell = np.asarray(b, np.float64).T
-        volume = abs(float(np.linalg.det(cell))) if atoms.pbc.all() else float("nan")
-        row = _log_row(step, timestep_fs, float(epot), float(ekin), len(atoms), volume)
-        log.append(row)
-        frames.append(_frame(atoms, np.asarray(positions, np.float64), np.asarray(s.momentum, np.float64),
-                             cell if atoms.pbc.any() else atoms.cell, step, timestep_fs, row["epot"]))
-        if callback is not None:
-            callback(step, row)
+        record(step, positions, s.momentum, np.asarray(b, np.float64).T, epot, ekin)
 
     first = np.asarray(observe(state, nbrs))
-    record(0, state, first[0], first[1])
+    record_state(0, state, first[0], first[1])
 
     def on_chunk(done, s, outs):
         outs = np.asarray(outs)
         if not np.all(np.isfinite(outs)):
             raise FloatingPointError(f"energy became NaN/inf before step {done}; reduce the timestep")
-        if "t0" not in clock:
-            clock["t0"], clock["s0"] = time.perf_counter(), done
-        record(done, s, outs[-1, 0], outs[-1, 1])
+        record_state(done, s, outs[-1, 0], outs[-1, 1])
 
     ujmd.run(lambda s, n: apply(s, neighbor=n), state, nbrs, neighbor_fn, steps, steps_per_chunk=interval,
              observe=observe, box_fn=box_fn, callback=on_chunk)
-    elapsed = time.perf_counter() - clock.get("t0", time.perf_counter())
-    done = log[-1]["step"] - clock.get("s0", 0)
-    return MDResult(frames, log, done / elapsed if elapsed > 0 and done > 0 else float("nan"))
+    return record.result()
 
 
 def relax(
