@@ -224,6 +224,13 @@ class UMABackbone(eqx.Module):
         if self.router is not None:
             coefficients = self.router(graph, csd) if expert_coefficients is None else expert_coefficients
             edge_system = graph.system_index[graph.edge_index[1]]
+            # the MoLE layers take each system's edges as one contiguous group (as fairchem does)
+            coefficients = eqx.error_if(
+                coefficients,
+                jnp.any(edge_system[1:] < edge_system[:-1]),
+                "the graph's edges are not grouped by system (targets must be sorted by system): build "
+                "the graph with AtomicGraph.from_atoms, or sort the edges by target atom",
+            )
             group_sizes = jax.ops.segment_sum(jnp.ones_like(edge_system), edge_system, num_segments=num_systems)
             routing = MoLERouting(coefficients, group_sizes)
 

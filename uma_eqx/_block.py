@@ -74,12 +74,14 @@ def _chunk_layout(num_edges: int, num_groups: int, chunk_size: int) -> tuple[int
 
     One group: `chunk <= chunk_size` is balanced so that padding is below one edge per chunk.
     Several: each group wastes less than one chunk, so `(edges + groups (chunk - 1)) // chunk`
-    chunks always suffice.
+    chunks always suffice; the chunk is at most the mean group size, so that batches of small
+    systems do not fill most of each chunk with null edges.
     """
     if num_groups == 1:
         num_chunks = max(1, -(-num_edges // chunk_size))
         return num_chunks, max(1, -(-num_edges // num_chunks))
-    return max(1, (num_edges + num_groups * (chunk_size - 1)) // chunk_size), chunk_size
+    chunk = max(1, min(chunk_size, -(-num_edges // num_groups)))
+    return max(1, (num_edges + num_groups * (chunk - 1)) // chunk), chunk
 
 
 def _split_edges(

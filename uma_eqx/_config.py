@@ -114,6 +114,12 @@ class UMAConfig:
             bad("tasks", self.tasks, f"must be a subset of datasets {list(self.datasets)}")
         if self.num_experts < 0:
             bad("num_experts", self.num_experts, "must be >= 0")
+        if self.elements is not None and (
+            not isinstance(self.elements, tuple)
+            or not all(isinstance(z, int) and 1 <= z < self.max_num_elements for z in self.elements)
+            or len(set(self.elements)) != len(self.elements)
+        ):
+            bad("elements", self.elements, f"need a tuple of distinct atomic numbers in 1..{self.max_num_elements - 1}")
         if self.norm_type not in ("rms_norm_sh", "layer_norm", "layer_norm_sh"):
             bad("norm_type", self.norm_type, "use rms_norm_sh, layer_norm or layer_norm_sh")
         if self.ff_type not in ("spectral", "grid"):

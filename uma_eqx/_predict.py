@@ -92,7 +92,8 @@ def predict(
     **Returns:**
 
     One dict per structure, in input order: `energy` (eV, float), `forces` (`(n, 3)` eV/Å),
-    `stress` (`(3, 3)` eV/Å³, if requested), `task`, `natoms`.
+    `stress` (`(3, 3)` eV/Å³, if requested; `None` for a structure without periodic
+    directions), `task`, `natoms`.
 
     **Raises:**
 
@@ -130,7 +131,8 @@ def predict(
             n = len(atoms)
             row = {"energy": float(energy[k]), "forces": forces[start : start + n], "task": task, "natoms": n}
             if stress:
-                row["stress"] = sigma[k]
+                # no cell, no stress (the model divides by a placeholder volume of 1)
+                row["stress"] = sigma[k] if atoms.pbc.any() else None
             results.append(row)
             start += n
         bar.update(len(batch))

@@ -144,7 +144,7 @@ def energy_and_neighbor_fns(
     """
     cfg = model.config
     cfg.dataset_index(task_name)  # raises with the list of tasks
-    cfg.check_elements(atoms.get_atomic_numbers())
+    cfg.check_atoms(atoms, "atoms")
     template = AtomicGraph.from_atoms(
         atoms, cutoff=cfg.cutoff, datasets=cfg.datasets, task_name=task_name,
         max_neighbors=cfg.max_neighbors, dtype=model.dtype,
@@ -203,10 +203,20 @@ def energy_and_neighbor_fns(
     return energy_fn, neighbor_fn
 
 
+#: Reallocations of the neighbour list in a row (one chunk rerun each) before `run` gives up:
+#: each grows the capacity by the list's multiplier, so a handful always suffices unless the
+#: cell or density changes much faster than an MD step should allow. Our choice.
+MAX_REALLOCATIONS = 8
+
+
 @eqx.filter_jit
-def _run_chunk(step_fn, neighbor_fn, observe, box_fn, state, neighbors, length: int, active: Int[Array, ""]):
+def _run_chunk(
+    step_fn, neighbor_fn, observe, box_fn, state, neighbors, length: int, active: Int[Array, ""], observe_last: bool
+):
     """`length` steps under `lax.scan` (compiled once per `length` and per function objects);
-    steps from `active` on, and all steps after a neighbour overflow, are skipped."""
+    steps from `active` on, and all steps after a neighbour overflow, are skipped. `observe`
+    runs only on steps that ran with a valid list (and with `observe_last` only on the last
+    active step); other entries are zeros."""
 
     def body(carry, i):
         s, nbrs = carry
@@ -214,8 +224,14 @@ def _run_chunk(step_fn, neighbor_fn, observe, box_fn, state, neighbors, length: 
         s = jax.lax.cond(go, lambda: step_fn(s, nbrs), lambda: s)
         box = None if box_fn is None else box_fn(s)
         nbrs = jax.lax.cond(go, lambda: neighbor_fn.update(s.position, nbrs, box), lambda: nbrs)
-        out = None if observe is None else observe(s, nbrs)
-        return (s, nbrs), out
+        if observe is None:
+            return (s, nbrs), None
+        want = go & ~nbrs.did_buffer_overflow
+        if observe_last:
+            want = want & (i == active - 1)
+        shapes = jax.eval_shape(observe, s, nbrs)
+        zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # noqa: E731
+        return (s, nbrs), jax.lax.cond(want, lambda: observe(s, nbrs), zeros)
 
     (state, neighbors), outs = jax.lax.scan(body, (state, neighbors), jnp.arange(length))
     return state, neighbors, outs
@@ -230,6 +246,7 @@ def run(
     *,
     steps_per_chunk: int = 100,
     observe: Callable[[Any, NeighborList], Any] | None = None,
+    observe_last: bool = False,
     box_fn: Callable[[Any], Array] | None = None,
     callback: Callable[[int, Any, Any], None] | None = None,
 ) -> tuple[Any, NeighborList, list]:
@@ -237,9 +254,11 @@ def run(
 
     Each step is `state = step_fn(state, neighbors)` followed by a neighbour-list update. After
     each chunk the host checks two things: if the neighbour buffer overflowed, the list is
-    reallocated (more capacity) from the chunk's starting positions and the chunk is rerun,
-    so no step ever runs with missing neighbours; if positions became non-finite, it raises
-    `FloatingPointError` naming the chunk, instead of carrying NaNs through the trajectory.
+    reallocated (more capacity, and the periodic images the cell needed where it overflowed),
+    brought up to date at the chunk's starting state, and the chunk is rerun, so no step ever
+    runs with a list that overflowed (after `MAX_REALLOCATIONS` reruns in a row it raises
+    `RuntimeError`); if positions became non-finite, it raises `FloatingPointError` naming the
+    chunk, instead of carrying NaNs through the trajectory.
 
     The chunk is compiled once per `steps_per_chunk` and per function objects (`step_fn`,
     `observe`, `box_fn`): a shorter last chunk reuses it, and later `run` calls with the same
@@ -255,6 +274,9 @@ def run(
     - `num_steps`: total steps.
     - `steps_per_chunk`: steps per compiled `lax.scan` (the host checks in between).
     - `observe`: optional `observe(state, neighbors) -> pytree` recorded every step.
+    - `observe_last`: record `observe` only for the last step of each chunk (observations are
+        then one pytree per chunk, without a step axis): e.g. the potential energy for a log,
+        without an extra energy evaluation every step.
     - `box_fn`: `box_fn(state) -> box` for variable-cell runs (e.g. `simulate.npt_box`).
     - `callback`: called as `callback(steps_done, state, observations)` after each chunk.
 
@@ -262,27 +284,47 @@ def run(
 
     `(state, neighbors, observations)`: final state and list, and the list of per-chunk
     stacked observations (empty when `observe` is None).
+
+    **Raises:**
+
+    `FloatingPointError` (non-finite positions), `RuntimeError` (the list kept overflowing).
     """
     if num_steps < 0 or steps_per_chunk < 1:
         raise ValueError(f"need num_steps >= 0 and steps_per_chunk >= 1, got {num_steps}, {steps_per_chunk}.")
-    observations, done = [], 0
+    observations, done, reallocations = [], 0, 0
     while done < num_steps:
         length = min(steps_per_chunk, num_steps - done)
         new_state, new_nbrs, outs = _run_chunk(
-            step_fn, neighbor_fn, observe, box_fn, state, neighbors, steps_per_chunk, jnp.asarray(length)
-        )
+            step_fn, neighbor_fn, observe, box_fn, state, neighbors, steps_per_chunk, jnp.asarray(length),
+            observe_last,
+        )  # fmt: skip
         if bool(new_nbrs.did_buffer_overflow):
+            reallocations += 1
+            if reallocations > MAX_REALLOCATIONS:
+                raise RuntimeError(
+                    f"the neighbour list overflowed {MAX_REALLOCATIONS} times in a row between steps {done} and "
+                    f"{done + length}: the density or the cell changes too fast (reduce the timestep or the "
+                    "barostat coupling, or allocate with more capacity via capacity_multiplier)."
+                )
+            # Size the list where it overflowed (the cell there may need more images), then
+            # bring it up to date at the chunk's start, where the rerun begins.
             extra = max(math.ceil(neighbors.capacity * (neighbor_fn.fns.capacity_multiplier - 1.0)), 16)
-            box = None if box_fn is None else box_fn(state)
-            neighbors = neighbor_fn.allocate(state.position, box, extra_capacity=extra)
+            neighbors = neighbor_fn.allocate(
+                new_state.position, None if box_fn is None else box_fn(new_state), extra_capacity=extra
+            )
+            neighbors = neighbor_fn.update(state.position, neighbors, None if box_fn is None else box_fn(state))
             continue
+        reallocations = 0
         if not bool(jnp.all(jnp.isfinite(new_state.position))):
             raise FloatingPointError(
                 f"positions became NaN/inf between steps {done} and {done + length}; reduce the "
                 "timestep or check the starting structure (overlapping atoms?)."
             )
-        if length < steps_per_chunk and outs is not None:
-            outs = jax.tree.map(lambda x: x[:length], outs)
+        if outs is not None:
+            if observe_last:
+                outs = jax.tree.map(lambda x: x[length - 1], outs)
+            elif length < steps_per_chunk:
+                outs = jax.tree.map(lambda x: x[:length], outs)
         state, neighbors, done = new_state, new_nbrs, done + length
         if observe is not None:
             observations.append(outs)

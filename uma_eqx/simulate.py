@@ -89,6 +89,8 @@ def run_md(
     for name, value in (("timestep_fs", timestep_fs), ("temperature_K", temperature_K)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if ensemble != "nve" and temperature_K == 0:
+        raise ValueError(f"{ensemble} needs temperature_K > 0 (the thermostat mass is proportional to kT); use nve")
     if timestep_fs == 0 or steps < 1 or interval < 1:
         raise ValueError(f"need timestep_fs > 0, steps >= 1 and interval >= 1 (got {timestep_fs}, {steps}, {interval})")
     if not np.all(np.isfinite(atoms.positions)):
@@ -220,17 +222,15 @@ def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, s
         positions, b = cartesian(s)
         record(step, positions, s.momentum, np.asarray(b, np.float64).T, epot, ekin)
 
-    first = np.asarray(observe(state, nbrs))
+    first = np.asarray(jax.jit(observe)(state, nbrs))
     record_state(0, state, first[0], first[1])
 
     def on_chunk(done, s, outs):
-        outs = np.asarray(outs)
-        if not np.all(np.isfinite(outs)):
-            raise FloatingPointError(f"energy became NaN/inf before step {done}; reduce the timestep")
-        record_state(done, s, outs[-1, 0], outs[-1, 1])
+        outs = np.asarray(outs)  # energies of the chunk's last step only (observe_last)
+        record_state(done, s, outs[0], outs[1])
 
     ujmd.run(lambda s, n: apply(s, neighbor=n), state, nbrs, neighbor_fn, steps, steps_per_chunk=interval,
-             observe=observe, box_fn=box_fn, callback=on_chunk)
+             observe=observe, observe_last=True, box_fn=box_fn, callback=on_chunk)
     return record.result()
 
 
