@@ -142,6 +142,8 @@ def test_md_errors(tmp_path, cu_file):
     _one_line_error(_run(["md", str(tmp_path / "cluster.xyz"), "--ensemble", "npt", "--steps", "2"], ok=False),
                     "npt needs a periodic system")
     _one_line_error(_run(["md", str(cu_file), "--timestep", "-1", "--steps", "2"], ok=False), "timestep_fs")
+    _one_line_error(_run(["md", str(cu_file), "--temperature", "0", "--steps", "2"], ok=False),
+                    "nvt needs temperature_K > 0")
     usage = _run(["md", str(cu_file), "--ensemble", "nph"], ok=False)
     assert usage.exit_code == 2 and "Invalid value for '--ensemble'" in usage.output
 

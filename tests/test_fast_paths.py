@@ -7,6 +7,7 @@
   layer merges the experts once per system (`MoLELinear.merge_per_system`).
 """
 
+import dataclasses
 import functools
 
 import ase.build
@@ -134,3 +135,23 @@ def test_system_aligned_chunks_match_the_plain_multi_system_mole():
         edge_wise = _with_chunk_size(model, size).backbone.blocks[0].edge_wise
         chunked = jax.jit(lambda e, x: e(x, frame, routing))(edge_wise, x)
         assert rel_err(np.asarray(chunked), np.asarray(plain)) < TOL
+
+
+def test_edges_not_grouped_by_system_are_refused():
+    # the MoLE layers take each system's edges as one contiguous group: a graph whose edges
+    # interleave systems would give wrong energies, so the backbone refuses it
+    graph = _graph()
+    real = int(graph.edge_mask.sum())
+    assert np.asarray(graph.edge_mask)[:real].all()  # padding edges come last
+    order = np.concatenate([np.arange(real)[::-1], np.arange(real, graph.edge_mask.shape[0])])
+    shuffled = eqx.tree_at(
+        lambda g: (g.edge_index, g.edge_shift, g.edge_mask),
+        graph,
+        (graph.edge_index[:, order], graph.edge_shift[order], graph.edge_mask[order]),
+    )
+    with pytest.raises(Exception, match="not grouped by system"):
+        jax.block_until_ready(_efs(_model(), shuffled))
+    model = _model()
+    for bad in ((0,), (29, 29), [29]):
+        with pytest.raises(ValueError, match="UMAConfig.elements"):
+            dataclasses.replace(model.config, elements=bad)

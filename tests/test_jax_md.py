@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import bulk, molecule
 from conftest import rel_err
 
@@ -87,6 +88,9 @@ def test_bad_input(model64):
     bad.numbers[0] = 0
     with pytest.raises(ValueError, match=r"atomic number\(s\) 0 \(X\)"):
         ujmd.energy_and_neighbor_fns(model64, bad, task_name=TASK)
+    lone = Atoms("Cu", positions=[[0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="single non-periodic atom"):
+        ujmd.energy_and_neighbor_fns(model64, lone, task_name=TASK)
     _, neighbor_fn = ujmd.energy_and_neighbor_fns(model64, atoms, task_name=TASK)
     R = np.array(atoms.positions)
     R[1, 2] = np.nan
@@ -179,11 +183,19 @@ def test_run_reallocates_on_overflow(model64):
         nbrs = neighbor_fn.allocate(R)
         state = init(jax.random.PRNGKey(4), R, kT=3000 * ujmd.BOLTZMANN, mass=mass, neighbor=nbrs)
         capacity0 = nbrs.capacity
-        state, nbrs, _ = ujmd.run(lambda s, n: apply(s, neighbor=n), state, nbrs, neighbor_fn, 40, steps_per_chunk=10)
-        results.append((np.asarray(state.position), capacity0, nbrs.capacity))
-    (pos_tight, cap0, cap1), (pos_roomy, _, _) = results
+        # the energy observed every step (energy_fn refuses an overflowed list: the driver must
+        # not observe the step that overflowed) and once per chunk
+        energy = lambda s, n: energy_fn(s.position, neighbor=n)  # noqa: E731
+        step = lambda s, n: apply(s, neighbor=n)  # noqa: E731
+        _, _, last = ujmd.run(step, state, nbrs, neighbor_fn, 40, steps_per_chunk=10, observe=energy, observe_last=True)
+        state, nbrs, every = ujmd.run(step, state, nbrs, neighbor_fn, 40, steps_per_chunk=10, observe=energy)
+        results.append((np.asarray(state.position), capacity0, nbrs.capacity, np.concatenate(every), np.stack(last)))
+    (pos_tight, cap0, cap1, every_tight, last_tight), (pos_roomy, _, _, every_roomy, last_roomy) = results
     assert cap1 > cap0  # it did reallocate
     np.testing.assert_allclose(pos_tight, pos_roomy, atol=1e-10)
+    assert every_tight.shape == (40,) and last_tight.shape == (4,)
+    np.testing.assert_allclose(every_tight, every_roomy, rtol=1e-10)
+    np.testing.assert_allclose(last_tight, every_roomy[9::10], rtol=1e-10)
 
 
 def test_minimum_image_mode_and_partial_chunks(model64):
