@@ -175,3 +175,5 @@ def test_train(tmp_path):
     _one_line_error(_run(["train", str(tmp_path / "none.toml")], ok=False), "training config not found")
     pathlib.Path(tmp_path / "broken.toml").write_text("train = ['t.extxyz']\nepochs = 'many'\n")
     _one_line_error(_run(["train", str(tmp_path / "broken.toml")], ok=False), "epochs = 'many' must be a int")
+    pathlib.Path(tmp_path / "broken2.toml").write_text("train = 3\n")
+    _one_line_error(_run(["train", str(tmp_path / "broken2.toml")], ok=False), "train = 3 must be a file name")

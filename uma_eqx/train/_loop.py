@@ -77,7 +77,15 @@ class TrainConfig:
         for key in ("train", "valid"):
             if isinstance(data.get(key), str):
                 data[key] = [data[key]]
-            data[key] = [str(base / p) for p in data.get(key, [])]
+            files = data.get(key, [])
+            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                raise ValueError(f"{path}: {key} = {files!r} must be a file name or a list of file names")
+            data[key] = [str(base / f) for f in files]
+        for key in ("init", "out_dir", "task"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ValueError(f"{path}: {key} = {data[key]!r} must be a string")
+        if data.get("model") is not None and not isinstance(data["model"], dict):
+            raise ValueError(f"{path}: model = {data['model']!r} must be a table of UMAConfig fields")
         for key in ("init", "out_dir"):
             if data.get(key):
                 data[key] = str(base / data[key])
@@ -87,7 +95,7 @@ class TrainConfig:
         for key, value in data.items():
             default = defaults[key]
             expected = float if isinstance(default, float) else type(default)
-            if default is None or isinstance(default, dataclasses._MISSING_TYPE) or expected in (list, dict):
+            if default is None or default is dataclasses.MISSING or expected in (list, dict):
                 continue
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 data[key] = float(value)
