@@ -131,10 +131,16 @@ def test_system_aligned_chunks_match_the_plain_multi_system_mole():
                           jnp.float64)
     edge_wise = backbone.blocks[0].edge_wise
     plain = jax.ops.segment_sum(edge_wise.messages(x, frame, routing), frame.target, x.shape[0])
+    # with `active`, the padding system's chunks are skipped: real atoms are unchanged
+    active = MoLERouting(routing.coefficients, routing.group_sizes, graph.system_mask)
+    assert not bool(graph.system_mask.all())
+    real = np.asarray(graph.atom_mask)
     for size in (7, 64):
         edge_wise = _with_chunk_size(model, size).backbone.blocks[0].edge_wise
         chunked = jax.jit(lambda e, x: e(x, frame, routing))(edge_wise, x)
         assert rel_err(np.asarray(chunked), np.asarray(plain)) < TOL
+        skipped = jax.jit(lambda e, x: e(x, frame, active))(edge_wise, x)
+        assert rel_err(np.asarray(skipped)[real], np.asarray(plain)[real]) < TOL
 
 
 def test_edges_not_grouped_by_system_are_refused():
@@ -152,6 +158,6 @@ def test_edges_not_grouped_by_system_are_refused():
     with pytest.raises(Exception, match="not grouped by system"):
         jax.block_until_ready(_efs(_model(), shuffled))
     model = _model()
-    for bad in ((0,), (29, 29), [29]):
+    for bad in ((0,), (29, 29), (29, 200)):
         with pytest.raises(ValueError, match="UMAConfig.elements"):
             dataclasses.replace(model.config, elements=bad)

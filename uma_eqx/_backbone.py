@@ -232,7 +232,7 @@ class UMABackbone(eqx.Module):
                 "the graph with AtomicGraph.from_atoms, or sort the edges by target atom",
             )
             group_sizes = jax.ops.segment_sum(jnp.ones_like(edge_system), edge_system, num_segments=num_systems)
-            routing = MoLERouting(coefficients, group_sizes)
+            routing = MoLERouting(coefficients, group_sizes, graph.system_mask)
 
         frame, _ = self.edge_frame(graph, roll, strain)
         dtype = self.sphere_embedding.dtype

@@ -202,7 +202,8 @@ class Edgewise(eqx.Module):
             def system_messages(per_system, x, chunk, system):
                 # The system's weights are sliced inside the checkpoint (the backward pass slices
                 # them again instead of keeping a weight copy per chunk). The layout reserves the
-                # worst case of chunks; unused ones (`system == num_systems`) are skipped.
+                # worst case of chunks; unused ones (`system == num_systems`) and those of
+                # padding systems (`routing.active`) are skipped.
                 def run(system):
                     layer = jax.tree.map(
                         lambda m: m.expert(system) if isinstance(m, MoLELinear) else m,
@@ -213,8 +214,11 @@ class Edgewise(eqx.Module):
 
                 if num_systems == 1:
                     return run(0)
+                used = system < num_systems
+                if routing.active is not None:  # padding systems' edges only reach padding atoms
+                    used = used & routing.active[jnp.minimum(system, num_systems - 1)]
                 return jax.lax.cond(
-                    system < num_systems,
+                    used,
                     run,
                     lambda _: jnp.zeros((chunk.source.shape[0], *x.shape[1:]), x.dtype),
                     jnp.minimum(system, num_systems - 1),
