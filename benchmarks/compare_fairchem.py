@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def _fairchem_unit(job: dict):
     torch.set_num_threads(job["threads"])
     settings = InferenceSettings(
         tf32=False,
-        activation_checkpointing=False,
+        activation_checkpointing=job.get("checkpointing", False),
         merge_mole=job["merged"],
         compile=job.get("compile", False),
         external_graph_gen=False,
@@ -199,6 +200,8 @@ def worker_fairchem(job: dict) -> list[dict]:
     variant = ("calculator " if job["mode"] == "calculator" else "") + ("merged" if job["merged"] else "unmerged")
     if job.get("compile"):
         variant += " compiled"
+    if job.get("checkpointing"):
+        variant += " checkpointed"
 
     if job["mode"] == "batch":
         from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
@@ -394,16 +397,18 @@ def plan(args, fairchem: bool, weights: dict) -> list[tuple[str, dict, str]]:
         label = f"uma_eqx {mode} {'merged' if merged else 'unmerged'}{' +stress' if stress else ''} {atoms} atoms"
         jobs.append(("eqx", job, label))
 
-    def fc_job(atoms, merged, compile_=False, repeats=None, warmup=None):
+    def fc_job(atoms, merged, compile_=False, repeats=None, warmup=None, checkpointing=False):
         if not fairchem:
             return
         job = dict(
-            common, atoms=atoms, mode="calculator", merged=merged, compile=compile_, repeats=repeats or args.repeats
-        )
+            common, atoms=atoms, mode="calculator", merged=merged, compile=compile_, repeats=repeats or args.repeats,
+            checkpointing=checkpointing,
+        )  # fmt: skip
         if warmup is not None:
             job["warmup"] = warmup
         label = (
-            f"fairchem calculator {'merged' if merged else 'unmerged'}{' compiled' if compile_ else ''} {atoms} atoms"
+            f"fairchem calculator {'merged' if merged else 'unmerged'}{' compiled' if compile_ else ''}"
+            f"{' checkpointed' if checkpointing else ''} {atoms} atoms"
         )
         jobs.append(("fairchem", job, label))
 
@@ -424,25 +429,27 @@ def plan(args, fairchem: bool, weights: dict) -> list[tuple[str, dict, str]]:
         if fairchem:
             jobs.append(("fairchem", dict(batch), f"fairchem batch of {args.batch} x 32 atoms"))
     for n in args.big:
+        # memory: fairchem in its memory-lean setting (activation checkpointing; without it fairchem
+        # needs ~25 GB at 2048 atoms)
         eqx_job(n, "calculator", True, repeats=1, warmup=0)
-        fc_job(n, True, repeats=1, warmup=0)
+        fc_job(n, True, repeats=1, warmup=0, checkpointing=True)
     return jobs
 
 
 def find_max(args, fairchem: bool, weights: dict, start: int, results: list) -> None:
-    """Double the size (merged calculator, one timed call) until a worker dies or passes the memory limit."""
+    """Double the size (merged calculator, one timed call; fairchem with activation checkpointing, its
+    memory-lean setting) until a worker dies or passes the memory limit."""
     common = {"eqx": weights["eqx"], "pt": weights["pt"], "threads": args.threads, "warmup": 0, "repeats": 1}
     impls = [("eqx", "uma_eqx")] + ([("fairchem", "fairchem")] if fairchem else [])
     for kind, name in impls:
         n = start
         while True:
             n *= 2
-            job = dict(common, atoms=n, mode="calculator", merged=True, stress=False)
+            job = dict(common, atoms=n, mode="calculator", merged=True, stress=False, checkpointing=kind == "fairchem")
             payload, error, wall = run_worker(kind, job, args, f"{name} calculator merged {n} atoms (find max)")
             if error:
-                results.append(
-                    {"impl": name, "variant": "calculator merged", "atoms": n, "error": error.splitlines()[0]}
-                )
+                variant = "calculator merged" + (" checkpointed" if job["checkpointing"] else "")
+                results.append({"impl": name, "variant": variant, "atoms": n, "error": error.splitlines()[0]})
                 break
             for r in payload:
                 r["kind"] = "find_max"
@@ -461,6 +468,8 @@ PAIRS = [
     ("E+F, uma_eqx raw jit (prebuilt graph) vs fairchem calculator, merged", "calculator merged", "raw merged"),
     ("E+F+S, uma_eqx raw jit vs fairchem calculator, merged", "calculator merged", "raw merged +stress"),
     ("E+F, fairchem torch.compile vs uma_eqx calculator, merged", "calculator merged compiled", "calculator merged"),
+    ("E+F, ASE calculator, merged; fairchem with activation checkpointing", "calculator merged checkpointed",
+     "calculator merged"),
     ("E+F, batch of 8 x 32 atoms (mixed compositions), unmerged", "batch of 8 unmerged", "batch of 8 unmerged"),
 ]
 
@@ -657,6 +666,11 @@ def report_markdown(results: dict, img_prefix: str | None) -> str:
         + (f"; uma_eqx commit `{git['commit'][:10]}`" + (" with local changes" if git.get("dirty") else "") if git else "")
         + ".")  # fmt: skip
     add("")
+    for u in results.get("updates", []):
+        g = u.get("git") or {}
+        add(f"Re-measured {u['date']} (`{u['command']}`" + (f", commit `{g['commit'][:10]}`" if g else "")
+            + (" with local changes" if g.get("dirty") else "") + "): " + "; ".join(u["rows"]) + ".")  # fmt: skip
+        add("")
     if peak:
         add(f"Matmul peak on these threads (float32, {peak['n']}×{peak['n']}): "
             f"{peak['jax_matmul_flops'] / 1e9:.0f} GFLOP/s (JAX), {peak['numpy_matmul_flops'] / 1e9:.0f} GFLOP/s (numpy).")  # fmt: skip
@@ -730,7 +744,11 @@ How it was measured (`benchmarks/compare_fairchem.py`; reproduce with the comman
 - **batch**: 8 different 32-atom systems (mixed compositions, so experts are not merged):
   one padded `AtomicGraph.from_atoms(list, pad=True)` for uma_eqx, and
   `predict_unit.predict(atomicdata_list_to_batch([...]))` for fairchem (which rebuilds its
-  graph inside every call).
+  graph inside every call);
+- **memory** (one call at the large sizes, and the doubling search for the largest size under
+  the memory limit): fairchem runs with `activation_checkpointing=True`, its memory-lean
+  setting (without it, it needs about 25 GB at 2048 atoms); uma_eqx as always (its message
+  passing is chunked and checkpointed by default).
 
 """
 
@@ -803,6 +821,12 @@ def parse_args(argv=None):
         "--docs", action="store_true", help="write docs/performance.md and its plots/JSON under docs/" + DOCS_ASSETS
     )
     p.add_argument("--out", type=Path, default=HERE / "results", help="directory for results.json, results.md, plots")
+    p.add_argument("--only", help="regular expression: run only the measurements whose label matches (see the log)")
+    p.add_argument(
+        "--update", type=Path,
+        help="merge the new rows into this results.json (replacing rows of the same implementation, variant and "
+        "size; the page lists the re-measured rows and their commit) instead of starting a new run",
+    )  # fmt: skip
     p.add_argument("--from-json", type=Path, help="only re-render tables/plots/docs from a saved results.json")
     add_worker_args(p, WORKERS)
     args = p.parse_args(argv)
@@ -850,6 +874,8 @@ def main(argv=None) -> int:
     }
     results["command"] = results["command"].strip()
     jobs = plan(args, fairchem, weights)
+    if args.only:
+        jobs = [job for job in jobs if re.search(args.only, job[2])]
     print(f"{len(jobs)} measurements, one process each:")
     for kind, job, label in jobs:
         payload, error, wall = run_worker(kind, job, args, label)
@@ -865,9 +891,26 @@ def main(argv=None) -> int:
     if args.find_max:
         start = max([n for n in args.big + args.sizes])
         find_max(args, fairchem, weights, start, results["rows"])
-    _attach_flops(results["rows"])
     results["total_s"] = time.time() - t_start
+    if args.update:
+        results = merge_update(json.loads(args.update.read_text()), results)
+    _attach_flops(results["rows"])
     return write_outputs(results, args)
+
+
+def merge_update(base: dict, new: dict) -> dict:
+    """`base` with `new`'s rows replacing those of the same (implementation, variant, atoms)."""
+    key = lambda r: (r["impl"], r["variant"], r.get("atoms"))  # noqa: E731
+    replaced = {key(r) for r in new["rows"]}
+    rows = [r for r in base["rows"] if key(r) not in replaced]
+    for r in new["rows"]:
+        r["updated"] = new["date"]
+    base = dict(base, rows=rows + new["rows"])
+    base.setdefault("updates", []).append(
+        {"date": new["date"], "command": new["command"], "git": new["machine"].get("git"),
+         "rows": sorted(f"{i} {v} {n}" for i, v, n in replaced)}
+    )  # fmt: skip
+    return base
 
 
 def write_outputs(results: dict, args) -> int:

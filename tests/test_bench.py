@@ -76,3 +76,26 @@ def test_rejects_bad_arguments(model):
         _bench.benchmark_uma_eqx(model, [4], merged=False, repeats=1, mode="fast")
     with pytest.raises(ValueError, match="repeats"):
         _bench.benchmark_uma_eqx(model, [4], merged=False, repeats=0)
+
+
+def test_harness_update_replaces_matching_rows():
+    import copy
+    import importlib.util
+    import json
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("compare_fairchem_for_test", root / "benchmarks" / "compare_fairchem.py")
+    cf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cf)
+    base = json.loads((root / "docs" / "assets" / "performance" / "results.json").read_text())  # the published run
+    row = copy.deepcopy(next(r for r in base["rows"] if r["impl"] == "uma_eqx" and not r.get("error")))
+    row["best_s"] = 1e-3
+    new = dict(copy.deepcopy(base), date="D", command="C", rows=[row])
+    new["machine"]["git"] = {"commit": "abcdef0123", "dirty": False}
+    merged = cf.merge_update(copy.deepcopy(base), new)
+    same = [r for r in merged["rows"] if (r["impl"], r["variant"], r.get("atoms")) == (row["impl"], row["variant"], row["atoms"])]
+    assert len(merged["rows"]) == len(base["rows"]) and [r["best_s"] for r in same] == [1e-3]
+    label = f"{row['impl']} {row['variant']} {row['atoms']}"
+    assert merged["updates"][-1]["rows"] == [label]
+    assert f"Re-measured D (`C`, commit `abcdef0123`): {label}." in cf.report_markdown(merged, None)
