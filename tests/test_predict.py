@@ -90,14 +90,6 @@ def test_reads_files_and_info_tasks(tmp_path):
     out = uma_eqx.predict(model, path, progress=False)  # the model's only task
     direct = uma_eqx.predict(model, structures, task_name="omat", progress=False)
     assert [r["energy"] for r in out] == pytest.approx([r["energy"] for r in direct], rel=1e-6)
-    # a cluster (no periodic directions) has no stress; a slab and a crystal do
-    cluster = bulk("Cu", cubic=True)
-    cluster.pbc = False
-    slab = bulk("Cu", cubic=True)
-    slab.pbc = (True, True, False)
-    rows = uma_eqx.predict(model, [cluster, slab, bulk("Cu")], task_name="omat", progress=False)
-    assert rows[0]["stress"] is None
-    assert all(r["stress"].shape == (3, 3) and np.isfinite(r["stress"]).all() for r in rows[1:])
 
 
 @pytest.mark.parametrize(

@@ -92,8 +92,8 @@ def predict(
     **Returns:**
 
     One dict per structure, in input order: `energy` (eV, float), `forces` (`(n, 3)` eV/Å),
-    `stress` (`(3, 3)` eV/Å³, if requested; `None` for a structure without periodic
-    directions), `task`, `natoms`.
+    `stress` (`(3, 3)` eV/Å³, if requested; as fairchem, also for non-periodic structures,
+    with its identity cell of 1 Å³ as the volume), `task`, `natoms`.
 
     **Raises:**
 
@@ -131,8 +131,7 @@ def predict(
             n = len(atoms)
             row = {"energy": float(energy[k]), "forces": forces[start : start + n], "task": task, "natoms": n}
             if stress:
-                # no cell, no stress (the model divides by a placeholder volume of 1)
-                row["stress"] = sigma[k] if atoms.pbc.any() else None
+                row["stress"] = sigma[k]
             results.append(row)
             start += n
         bar.update(len(batch))

@@ -140,22 +140,19 @@ def predict(structures, model_path, task, charge, spin, batch_size, output):
     results = uma_eqx.predict(model, atoms_list, task_name=tasks, batch_size=batch_size, progress=len(items) > 2)
     rows, frames = [], []
     for label, atoms, r in zip(labels, atoms_list, results):
-        s = r["stress"]  # None without periodic directions
-        voigt = None if s is None else [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]]
+        s = r["stress"]
+        voigt = [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]]
         rows.append({"structure": label, "task": r["task"], "natoms": r["natoms"], "energy_eV": r["energy"],
                      "energy_per_atom_eV": r["energy"] / r["natoms"],
                      "max_force_eV_A": float(np.linalg.norm(r["forces"], axis=1).max()),
-                     "stress_eV_A3": None if voigt is None else [float(v) for v in voigt],
-                     "forces_eV_A": r["forces"].tolist()})
+                     "stress_eV_A3": [float(v) for v in voigt], "forces_eV_A": r["forces"].tolist()})
         from ase.calculators.singlepoint import SinglePointCalculator
 
-        results_kw = {} if voigt is None else {"stress": np.asarray(voigt)}
-        atoms.calc = SinglePointCalculator(atoms, energy=r["energy"], forces=r["forces"], **results_kw)
+        atoms.calc = SinglePointCalculator(atoms, energy=r["energy"], forces=r["forces"], stress=np.asarray(voigt))
         frames.append(atoms)
     click.echo(f"{'structure':24s} {'task':6s} {'atoms':>5s} {'E (eV)':>14s} {'E/atom':>10s} {'max|F| eV/Å':>12s}  stress (eV/Å³, Voigt)")
     for r in rows:
-        sv = "n/a (no periodic directions)" if r["stress_eV_A3"] is None else " ".join(
-            f"{v:+.4f}" for v in r["stress_eV_A3"])
+        sv = " ".join(f"{v:+.4f}" for v in r["stress_eV_A3"])
         click.echo(f"{r['structure'][:24]:24s} {r['task']:6s} {r['natoms']:5d} {r['energy_eV']:14.6f} "
                    f"{r['energy_per_atom_eV']:10.5f} {r['max_force_eV_A']:12.5f}  {sv}")
     if output:
@@ -332,7 +329,7 @@ def _write(output, rows, frames):
                         "sxx", "syy", "szz", "syz", "sxz", "sxy"])
             for r in rows:
                 w.writerow([r["structure"], r["task"], r["natoms"], r["energy_eV"], r["energy_per_atom_eV"],
-                            r["max_force_eV_A"], *(r["stress_eV_A3"] or [""] * 6)])
+                            r["max_force_eV_A"], *r["stress_eV_A3"]])
     elif output.endswith((".extxyz", ".xyz")):
         from ase.io import write
 

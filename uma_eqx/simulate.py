@@ -220,7 +220,7 @@ def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, s
 
     def record_state(step, s, epot, ekin):
         positions, b = cartesian(s)
-        record(step, positions, s.momentum, np.asarray(b, np.float64).T, epot, ekin)
+        record(step, positions, s.momentum, np.asarray(b, np.float64).T, float(epot), float(ekin))
 
     first = np.asarray(jax.jit(observe)(state, nbrs))
     record_state(0, state, first[0], first[1])
