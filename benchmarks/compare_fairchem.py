@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -858,9 +859,9 @@ def main(argv=None) -> int:
     peak, error, _ = run_worker("peak", {"n": 2048}, args, "matmul peak")
     results = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python benchmarks/compare_fairchem.py " + " ".join(a for a in argv if a != "--docs") + " --docs"
+        "command": "python benchmarks/compare_fairchem.py " + shlex.join(a for a in argv if a != "--docs") + " --docs"
         if "--docs" in argv
-        else "python benchmarks/compare_fairchem.py " + " ".join(argv),
+        else "python benchmarks/compare_fairchem.py " + shlex.join(argv),
         "args": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
