@@ -104,7 +104,8 @@ def test_chunks_never_mix_systems_and_hold_every_edge_once():
     frame, _ = _model().backbone.edge_frame(graph, 0.0, None)
     num_systems = graph.charge.shape[0]
     for size in (7, 64, 10_000):
-        chunks, chunk_system = _block._split_edges(frame, size, frame.system, num_systems)
+        counts = jax.ops.segment_sum(jnp.ones_like(frame.system), frame.system, num_segments=num_systems)
+        chunks, chunk_system = _block._split_edges(frame, size, counts)
         real = np.asarray(jnp.abs(chunks.wigner).sum(axis=(2, 3)) > 0)  # null slots have zero rotations
         systems = np.asarray(chunks.system)
         for c in range(systems.shape[0]):

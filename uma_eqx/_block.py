@@ -15,12 +15,12 @@ from .nn import (
     EquivariantLayerNormSH,
     EquivariantRMSNorm,
     Linear,
-    MoLELinear,
     MoLERouting,
     SO2Convolution,
     SO3Linear,
     gate_activation,
 )
+from .nn._linear import map_mole
 from .so3 import coefficient_layout
 
 # Edges per chunk of the edgewise message passing. A chunk's widest features,
@@ -85,12 +85,12 @@ def _chunk_layout(num_edges: int, num_groups: int, chunk_size: int) -> tuple[int
 
 
 def _split_edges(
-    frame: EdgeFrame, chunk_size: int, group: Int[Array, " edges"] | None, num_groups: int
+    frame: EdgeFrame, chunk_size: int, counts: Int[Array, " groups"] | None
 ) -> tuple[EdgeFrame, Int[Array, " chunks"]]:
     """`frame` laid out as `(chunks, chunk, ...)` so that no chunk mixes two groups.
 
-    `group` (non-decreasing, e.g. the system of each edge) labels contiguous groups of edges;
-    `None` is one group. Each group starts a new chunk; slots left over are null edges (zero
+    The edges come in contiguous groups (e.g. systems) of `counts` edges each (`None`: one
+    group of all edges). Each group starts a new chunk; slots left over are null edges (zero
     rotations and radial features, hence zero messages and zero gradients).
 
     **Returns:**
@@ -99,11 +99,10 @@ def _split_edges(
     hold only null edges).
     """
     num_edges = frame.source.shape[0]
-    num_chunks, chunk = _chunk_layout(num_edges, num_groups, chunk_size)
-    if group is None:
+    if counts is None:
         counts = jnp.array([num_edges])
-    else:
-        counts = jax.ops.segment_sum(jnp.ones_like(group), group, num_segments=num_groups)
+    num_groups = counts.shape[0]
+    num_chunks, chunk = _chunk_layout(num_edges, num_groups, chunk_size)
     group_chunks = -(-counts // chunk)
     chunks_end = jnp.cumsum(group_chunks)
     chunk_group = jnp.searchsorted(chunks_end, jnp.arange(num_chunks), side="right")
@@ -185,19 +184,15 @@ class Edgewise(eqx.Module):
         with jax.named_scope("edgewise"):
             if routing is None:
                 num_systems = 1
-                chunks, chunk_systems = _split_edges(frame, self.edge_chunk_size, None, 1)
+                chunks, chunk_systems = _split_edges(frame, self.edge_chunk_size, None)
                 per_system = self
             else:
                 # Merge the experts once per system, and lay the edges out so that every chunk
                 # belongs to one system: a chunk then costs one matmul with its system's weights
                 # (the per-system grouped matmul of fairchem's MOLE, without ragged shapes).
                 num_systems = routing.coefficients.shape[0]
-                chunks, chunk_systems = _split_edges(frame, self.edge_chunk_size, frame.system, num_systems)
-                per_system = jax.tree.map(
-                    lambda m: m.merge_per_system(routing.coefficients) if isinstance(m, MoLELinear) else m,
-                    self,
-                    is_leaf=lambda m: isinstance(m, MoLELinear),
-                )
+                chunks, chunk_systems = _split_edges(frame, self.edge_chunk_size, routing.group_sizes)
+                per_system = map_mole(lambda m: m.merge_per_system(routing.coefficients), self)
 
             def system_messages(per_system, x, chunk, system):
                 # The system's weights are sliced inside the checkpoint (the backward pass slices
@@ -205,12 +200,7 @@ class Edgewise(eqx.Module):
                 # worst case of chunks; unused ones (`system == num_systems`) and those of
                 # padding systems (`routing.active`) are skipped.
                 def run(system):
-                    layer = jax.tree.map(
-                        lambda m: m.expert(system) if isinstance(m, MoLELinear) else m,
-                        per_system,
-                        is_leaf=lambda m: isinstance(m, MoLELinear),
-                    )
-                    return layer.messages(x, chunk, None)
+                    return map_mole(lambda m: m.expert(system), per_system).messages(x, chunk, None)
 
                 if num_systems == 1:
                     return run(0)

@@ -9,7 +9,8 @@ from ._backbone import UMABackbone
 from ._config import UMAConfig
 from ._graph import AtomicGraph
 from ._heads import AbstractEnergyHead, EnergyReferences, LinearEnergyHead, LinearForceHead, MLPEnergyHead
-from .nn import MoLELinear, MoLERouting
+from .nn import MoLERouting
+from .nn._linear import map_mole
 
 
 class UMA(eqx.Module):
@@ -171,8 +172,7 @@ def merge_experts(model: UMA, coefficients: Float[Array, " experts"]) -> UMA:
         if coefficients.shape[0] != 1:
             raise ValueError(f"merge_experts needs coefficients of one system, got shape {coefficients.shape}")
         coefficients = coefficients[0]
-    is_mole = lambda x: isinstance(x, MoLELinear)
-    blocks = jax.tree.map(lambda m: m.merge(coefficients) if is_mole(m) else m, model.backbone.blocks, is_leaf=is_mole)
+    blocks = map_mole(lambda m: m.merge(coefficients), model.backbone.blocks)
     return eqx.tree_at(
         lambda m: (m.backbone.blocks, m.backbone.router), model, (blocks, None), is_leaf=lambda x: x is None
     )

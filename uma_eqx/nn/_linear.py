@@ -121,3 +121,9 @@ class MoLELinear(eqx.Module):
         lin = eqx.filter_eval_shape(Linear, 1, 1, key=jax.random.key(0))
         w = jnp.einsum("e,eoi->oi", coefficients.astype(self.weights.dtype), self.weights)
         return eqx.tree_at(lambda l: (l.weight, l.bias), lin, (w, self.bias), is_leaf=lambda v: v is None)
+
+
+def map_mole(fn, tree):
+    """`tree` with every [`MoLELinear`][] `m` replaced by `fn(m)` (other leaves unchanged)."""
+    is_mole = lambda m: isinstance(m, MoLELinear)  # noqa: E731
+    return jax.tree.map(lambda m: fn(m) if is_mole(m) else m, tree, is_leaf=is_mole)
