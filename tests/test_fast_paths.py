@@ -5,6 +5,8 @@
   the summation order.
 - `MoLELinear` uses one merged matmul when all rows belong to one system, and the edgewise
   layer merges the experts once per system (`MoLELinear.merge_per_system`).
+- The SO(2) convolution's `m > 0` complex product uses three matmuls (Gauss) instead of one
+  linear over both rows (four real products).
 """
 
 import dataclasses
@@ -20,7 +22,8 @@ from conftest import FIXTURES, rel_err
 
 import uma_eqx
 from uma_eqx import _block
-from uma_eqx.nn import MoLELinear, MoLERouting
+from uma_eqx.nn import Linear, MoLELinear, MoLERouting
+from uma_eqx.nn._so2 import _complex_product
 
 #: same computation in another summation order (float64)
 TOL = 1e-12
@@ -80,6 +83,27 @@ def test_residual_budget_does_not_change_results(monkeypatch):
 def _mole_reference(layer: MoLELinear, x, coefficients, row_system):
     w = jnp.einsum("se,eoi->soi", coefficients, layer.weights)[row_system]
     return jnp.einsum("roi,ri->ro", w, x) + layer.bias
+
+
+@pytest.mark.parametrize("mole", [False, True])
+def test_three_matmul_complex_product_matches_fairchems_four_product_form(mole):
+    # fairchem's SO2_m_Conv: one linear over the +m and -m rows gives (a, b) and (c, d); the
+    # outputs are (a - d, c + b)
+    kx, kl, kc = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (2, 7, 6), jnp.float64)
+    if mole:
+        layer = MoLELinear(3, 6, 8, use_bias=False, dtype=jnp.float64, key=kl)
+        routing = MoLERouting(jax.random.uniform(kc, (2, 3), jnp.float64), jnp.array([4, 3]))
+        routing2 = MoLERouting(routing.coefficients, 2 * routing.group_sizes)
+        rows = jnp.stack([x[0], x[1]], axis=1).reshape(14, 6)  # +m, -m of each edge adjacent
+        y = layer(rows, routing2).reshape(7, 2, 8)
+    else:
+        layer, routing = Linear(6, 8, use_bias=False, dtype=jnp.float64, key=kl), None
+        y = jnp.stack([layer(x[0]), layer(x[1])], axis=1)
+    a, b, c, d = y[:, 0, :4], y[:, 0, 4:], y[:, 1, :4], y[:, 1, 4:]
+    plus, minus = _complex_product(layer, x[0], x[1], routing)
+    np.testing.assert_allclose(plus, a - d, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(minus, c + b, rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize("sizes", [(9, 0, 0), (0, 9, 0), (4, 0, 5), (2, 3, 4)])
