@@ -1,6 +1,7 @@
 """ASE calculator: a drop-in for fairchem's `FAIRChemCalculator`."""
 
 import equinox as eqx
+import jax
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
@@ -12,6 +13,16 @@ from ._potential import UMA, energy_forces_stress, merge_experts
 @eqx.filter_jit
 def _efs(model: UMA, graph: AtomicGraph) -> dict:
     return energy_forces_stress(model, graph)
+
+
+@eqx.filter_jit
+def _efs_merging_per_call(model: UMA, graph: AtomicGraph) -> dict:
+    # The calculator's graph holds one real system (system 0; the others are padding): merge
+    # its experts inside the call, as fairchem's MOLE does for a single system when
+    # `merge_mole` is off. The coefficients depend on composition, charge, spin and task, not
+    # on positions. One matmul per layer and chunk, like a merged model; nothing is cached.
+    coefficients = jax.lax.stop_gradient(model.backbone.expert_coefficients(graph)[0])
+    return energy_forces_stress(merge_experts(model, coefficients), graph)
 
 
 @eqx.filter_jit
@@ -38,8 +49,9 @@ class UMACalculator(Calculator):
 
     - `model`: the model.
     - `task_name`: one of `model.config.task_names` (optional when there is only one).
-    - `merge_experts`: merge MoLE experts per composition (faster; same energies up to
-      round-off).
+    - `merge_experts`: merge MoLE experts per composition and keep the merged model until it
+      changes (faster; same energies up to round-off). `False`: merge inside every call
+      (fairchem's `merge_mole=False`), nothing cached.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
@@ -88,7 +100,10 @@ class UMACalculator(Calculator):
             dtype=self.model.dtype,
             pad=True,
         )
-        out = _efs(self._model_for(graph, atoms), graph)
+        if self.merge or self.model.backbone.router is None:
+            out = _efs(self._model_for(graph, atoms), graph)
+        else:
+            out = _efs_merging_per_call(self.model, graph)
         n = len(atoms)
         energy = float(out["energy"][0])
         self.results["energy"] = energy
