@@ -158,5 +158,6 @@ def gate_activation(
     lmax = int(l_of_row.max()) if len(l_of_row) > 1 else 0
     channels = x.shape[-1]
     g = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], lmax, channels)
-    g = jnp.take(g, jnp.asarray(l_of_row[1:] - 1), axis=-2)
+    # static slices (fused into the product) rather than a gather of the gate rows
+    g = jnp.stack([g[..., int(l) - 1, :] for l in l_of_row[1:]], axis=-2)
     return jnp.concatenate([jax.nn.silu(x[..., :1, :]), x[..., 1:, :] * g], axis=-2)
