@@ -95,9 +95,14 @@ class SO2Convolution(eqx.Module):
         return jnp.concatenate(out, axis=1), gating
 
 
+def _weight_name(layer: Linear | MoLELinear) -> str:
+    """The weight field: `(out, in)`, or `(experts, out, in)` for MoLE."""
+    return "weights" if isinstance(layer, MoLELinear) else "weight"
+
+
 def _with_weight(layer: Linear | MoLELinear, fn) -> Linear | MoLELinear:
-    """`layer` with its weight (`(out, in)`, or `(experts, out, in)` for MoLE) replaced by `fn(weight)`."""
-    name = "weights" if isinstance(layer, MoLELinear) else "weight"
+    """`layer` with its weight replaced by `fn(weight)`."""
+    name = _weight_name(layer)
     return eqx.tree_at(lambda l: getattr(l, name), layer, fn(getattr(layer, name)))
 
 
@@ -115,7 +120,7 @@ def _complex_product(
     imaginary `k1 + k2`, gives the same result with 3/4 of the matmul FLOPs (forward and
     backward); the weight sums cost one pass over the weights.
     """
-    half = getattr(layer, "weights" if isinstance(layer, MoLELinear) else "weight").shape[-2] // 2
+    half = getattr(layer, _weight_name(layer)).shape[-2] // 2
     w_sum = _with_weight(layer, lambda w: w[..., :half, :] + w[..., half:, :])
     w_1 = _with_weight(layer, lambda w: w[..., :half, :])
     w_2 = _with_weight(layer, lambda w: w[..., half:, :])
