@@ -56,7 +56,7 @@ class _CompileCounter(logging.Handler):
         self.count = 0
 
     def emit(self, record):
-        if "Compiling" in record.getMessage() and "_efs" in record.getMessage():
+        if "Compiling" in record.getMessage() and "energy_forces_stress" in record.getMessage():
             self.count += 1
 
 

@@ -478,6 +478,15 @@ def test_merged_experts_equal_routed():
     # not vacuous: other coefficients give another model
     other = uma_eqx.merge_experts(model, coefficients[::-1])
     assert rel_err(_forward(other, graph, 0.0)[0][:1], e0[:1]) > 1e-8
+    # merge_experts_for: the same merge, from the graph, eagerly and under jit
+    for fn in (uma_eqx.merge_experts_for, eqx.filter_jit(uma_eqx.merge_experts_for)):
+        same = fn(model, graph)
+        for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(merged), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+    # ... and it carries gradients to the router (fine-tuning through a merge)
+    merged_sum = lambda m: sum(jnp.sum(x) for x in jax.tree.leaves(eqx.filter(m, eqx.is_inexact_array)))  # noqa: E731
+    grad = eqx.filter_grad(lambda m: merged_sum(uma_eqx.merge_experts_for(m, graph)))(model)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grad.backbone.router)) > 0
 
 
 def test_float32_agrees_with_float64():

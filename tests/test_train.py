@@ -1,13 +1,11 @@
 """Training and fine-tuning: loss falls, freezing, exact resume, fine-tuning a converted model, bad data."""
 
-import dataclasses
 import pathlib
 import subprocess
 import sys
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.build import bulk

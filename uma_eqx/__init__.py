@@ -20,6 +20,7 @@ from ._potential import (
     energy_forces_stress as energy_forces_stress,
     hessian as hessian,
     merge_experts as merge_experts,
+    merge_experts_for as merge_experts_for,
 )
 from .nn import (
     EquivariantRMSNorm as EquivariantRMSNorm,

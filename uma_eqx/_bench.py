@@ -176,14 +176,11 @@ def _graph(atoms, model, task_name: str, *, pad):
 
 def merged_model(model, graph):
     """`model` with its MoLE experts merged for the (single) system of `graph`; dense models unchanged."""
-    import equinox as eqx
-
-    from ._potential import merge_experts
+    from ._potential import merge_experts_for
 
     if model.backbone.router is None:
         return model
-    coefficients = eqx.filter_jit(lambda m, g: m.backbone.expert_coefficients(g))(model, graph)
-    return merge_experts(model, coefficients[0])
+    return merge_experts_for(model, graph)
 
 
 def _time_calls(call, first_step: int, warmup: int, repeats: int):

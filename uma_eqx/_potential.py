@@ -80,6 +80,7 @@ class UMA(eqx.Module):
         e_atom = self.energy_head(features, self.head_routing(graph, num_heads))
         return jnp.where(graph.atom_mask, e_atom, 0.0), features
 
+    @eqx.filter_jit
     def __call__(
         self,
         graph: AtomicGraph,
@@ -101,6 +102,7 @@ class UMA(eqx.Module):
         return jnp.where(graph.system_mask, energy, 0.0)
 
 
+@eqx.filter_jit
 def energy_forces_stress(
     model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0, *, stress: bool = True
 ) -> dict[str, Array]:
@@ -111,7 +113,8 @@ def energy_forces_stress(
     `|det h|` (for non-periodic systems fairchem's cell is the identity, so `V = 1`). The strain
     is applied to the edge vectors (through which alone positions and cell enter), which gives
     the same derivative with less round-off than straining absolute positions.
-    Units eV, eV/Å, eV/Å³. Jit-able and differentiable.
+    Units eV, eV/Å, eV/Å³. Compiled (`eqx.filter_jit`: one program per input shape, inlined
+    when called inside another `jit`) and differentiable.
 
     **Returns:**
 
@@ -137,6 +140,7 @@ def energy_forces_stress(
     return out
 
 
+@eqx.filter_jit
 def direct_forces(model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0) -> Float[Array, "atoms 3"]:
     """Output of the direct-force head (`Linear_Force_Head`), for checkpoints that have one."""
     if model.force_head is None:
@@ -144,6 +148,7 @@ def direct_forces(model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float
     return model.force_head(model.backbone(graph, roll))
 
 
+@eqx.filter_jit
 def hessian(model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0) -> Float[Array, "n3 n3"]:
     """Hessian `d^2 E / dr dr` of the total energy, shape `(3 atoms, 3 atoms)`.
 
@@ -176,3 +181,16 @@ def merge_experts(model: UMA, coefficients: Float[Array, " experts"]) -> UMA:
     return eqx.tree_at(
         lambda m: (m.backbone.blocks, m.backbone.router), model, (blocks, None), is_leaf=lambda x: x is None
     )
+
+
+@eqx.filter_jit
+def merge_experts_for(model: UMA, graph: AtomicGraph) -> UMA:
+    """`model` with its MoLE experts merged for the first system of `graph`.
+
+    Shorthand for `merge_experts(model, model.backbone.expert_coefficients(graph)[0])`. The
+    coefficients depend on the composition, charge, spin and task of system 0, not on the
+    positions, so the merged model serves every geometry of that system; other systems in
+    `graph` (for example the padding systems of a bucketed graph) are ignored. Compiled
+    (`eqx.filter_jit`) and differentiable in the router's weights.
+    """
+    return merge_experts(model, model.backbone.expert_coefficients(graph)[0])

@@ -5,17 +5,11 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import ase
-import equinox as eqx
 import numpy as np
 
 from ._config import UMAConfig
 from ._graph import AtomicGraph, bucket_size, pad_graph
 from ._potential import UMA, energy_forces_stress
-
-
-@eqx.filter_jit
-def _efs(model: UMA, graph: AtomicGraph, stress: bool) -> dict:
-    return energy_forces_stress(model, graph, stress=stress)
 
 
 @dataclasses.dataclass
@@ -122,7 +116,7 @@ def predict(
             raise ValueError(f"in the batch of structures #{first}..#{first + len(batch) - 1}: {e}") from None
         atoms_cap, edges_cap = capacity.fit(graph)
         graph = pad_graph(graph, atoms_cap, edges_cap, batch_size + 1)
-        out = _efs(model, graph, stress)
+        out = energy_forces_stress(model, graph, stress=stress)
         energy = np.asarray(out["energy"], dtype=np.float64)
         forces = np.asarray(out["forces"], dtype=np.float64)
         sigma = np.asarray(out["stress"], dtype=np.float64) if stress else None

@@ -1,33 +1,20 @@
 """ASE calculator: a drop-in for fairchem's `FAIRChemCalculator`."""
 
 import equinox as eqx
-import jax
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from ._graph import AtomicGraph
-from ._potential import UMA, energy_forces_stress, merge_experts
-
-
-@eqx.filter_jit
-def _efs(model: UMA, graph: AtomicGraph) -> dict:
-    return energy_forces_stress(model, graph)
+from ._potential import UMA, energy_forces_stress, merge_experts_for
 
 
 @eqx.filter_jit
 def _efs_merging_per_call(model: UMA, graph: AtomicGraph) -> dict:
     # The calculator's graph holds one real system (system 0; the others are padding): merge
     # its experts inside the call, as fairchem's MOLE does for a single system when
-    # `merge_mole` is off. The coefficients depend on composition, charge, spin and task, not
-    # on positions. One matmul per layer and chunk, like a merged model; nothing is cached.
-    coefficients = jax.lax.stop_gradient(model.backbone.expert_coefficients(graph)[0])
-    return energy_forces_stress(merge_experts(model, coefficients), graph)
-
-
-@eqx.filter_jit
-def _coefficients(model: UMA, graph: AtomicGraph):
-    return model.backbone.expert_coefficients(graph)
+    # `merge_mole` is off. One matmul per layer and chunk, like a merged model; nothing is cached.
+    return energy_forces_stress(merge_experts_for(model, graph), graph)
 
 
 class UMACalculator(Calculator):
@@ -81,8 +68,7 @@ class UMACalculator(Calculator):
         reduced = tuple(np.round(counts / counts.sum(), 12))
         key = (reduced, int(graph.charge[0]), int(graph.spin[0]), self.task_name)
         if key != self._merged_key:
-            coefficients = _coefficients(self.model, graph)[0]
-            self._merged_model = merge_experts(self.model, coefficients)
+            self._merged_model = merge_experts_for(self.model, graph)
             self._merged_key = key
         return self._merged_model
 
@@ -101,7 +87,7 @@ class UMACalculator(Calculator):
             pad=True,
         )
         if self.merge or self.model.backbone.router is None:
-            out = _efs(self._model_for(graph, atoms), graph)
+            out = energy_forces_stress(self._model_for(graph, atoms), graph)
         else:
             out = _efs_merging_per_call(self.model, graph)
         n = len(atoms)

@@ -19,7 +19,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Float, Int
 
 from ._graph import AtomicGraph
-from ._potential import UMA, merge_experts
+from ._potential import UMA, merge_experts_for
 from .neighbors import NeighborList, NeighborListFns
 from .neighbors._jax import DEFAULT_CAPACITY_MULTIPLIER, DEFAULT_SKIN
 
@@ -153,7 +153,7 @@ def energy_and_neighbor_fns(
     if fractional_coordinates and not all(pbc):
         raise ValueError(f"fractional_coordinates=True needs a periodic system, got pbc={list(pbc)}.")
     if merge and model.backbone.router is not None:
-        model = merge_experts(model, model.backbone.expert_coefficients(template)[0])
+        model = merge_experts_for(model, template)
     fns = NeighborListFns(
         cutoff=cfg.cutoff, pbc=pbc, skin=skin, capacity_multiplier=capacity_multiplier,
         max_neighbors=cfg.max_neighbors,
