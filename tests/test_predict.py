@@ -107,3 +107,23 @@ def test_reads_files_and_info_tasks(tmp_path):
 def test_errors(structures, kwargs, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         uma_eqx.predict(uma_eqx.default_model(), structures, progress=False, **kwargs)
+
+
+def test_task_resolution_order_and_errors():
+    """Explicit name, then atoms.info['task'], then the model's only task; errors list the tasks."""
+    config = uma_eqx.load(FIXTURES / "uma_s_1p1.eqx").config  # several tasks
+    assert len(config.task_names) > 1
+    atoms = bulk("Cu")
+    with pytest.raises(ValueError, match=r"no task given.*'omat'"):
+        config.resolve_task(None, atoms)
+    tagged = atoms.copy()
+    tagged.info["task"] = "omol"
+    assert config.resolve_task(None, tagged) == "omol"
+    assert config.resolve_task("omat", tagged) == "omat"  # the argument wins
+    with pytest.raises(ValueError, match=r"unknown task_name 'nope'.*'omat'"):
+        config.resolve_task("nope", atoms)
+    single = uma_eqx.default_model().config
+    assert single.resolve_task(None, atoms) == single.task_names[0]
+    # predict names the structure; a list gives one task per structure
+    with pytest.raises(ValueError, match=r"structure #0: no task given"):
+        uma_eqx.predict(uma_eqx.load(FIXTURES / "uma_s_1p1.eqx"), [atoms], progress=False)

@@ -151,6 +151,21 @@ class UMAConfig:
             raise ValueError(f"unknown task_name {task_name!r}: this model's tasks are {list(self.task_names)}")
         return self.datasets.index(task_name)
 
+    def resolve_task(self, task_name: str | None, atoms=None) -> str:
+        """The task of a structure: `task_name` if given, else `atoms.info["task"]`, else the
+        model's only task. Raises `ValueError` (listing this model's tasks) when none applies or
+        the name is unknown."""
+        if task_name is None and atoms is not None and atoms.info.get("task") is not None:
+            task_name = str(atoms.info["task"])
+        if task_name is None:
+            if len(self.task_names) != 1:
+                raise ValueError(
+                    f"no task given: pass task_name= (or set atoms.info['task']) to one of {list(self.task_names)}"
+                )
+            task_name = self.task_names[0]
+        self.dataset_index(task_name)  # unknown task: the error lists the valid names
+        return task_name
+
     def check_elements(self, atomic_numbers) -> None:
         """Raise `ValueError` naming any atomic number the model does not cover (see `elements`)."""
         limit = self.max_num_elements

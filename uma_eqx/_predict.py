@@ -38,19 +38,14 @@ def _structures(structures: "str | os.PathLike | ase.Atoms | Iterable") -> Itera
 
 
 def _task_of(config: UMAConfig, atoms: ase.Atoms, task_name, k: int) -> str:
-    if isinstance(task_name, str):
-        return task_name
-    if task_name is not None:
+    if task_name is not None and not isinstance(task_name, str):
         if k >= len(task_name):
             raise ValueError(f"task_name has {len(task_name)} entries but there are more structures.")
-        return task_name[k]
-    if "task" in atoms.info:
-        return str(atoms.info["task"])
-    if len(config.task_names) == 1:
-        return config.task_names[0]
-    raise ValueError(
-        f"structure #{k}: no task; pass task_name= (or set atoms.info['task']) to one of {list(config.task_names)}"
-    )
+        task_name = task_name[k]
+    try:
+        return config.resolve_task(task_name, atoms)
+    except ValueError as e:
+        raise ValueError(f"structure #{k}: {e}") from None
 
 
 def predict(
@@ -137,7 +132,6 @@ def predict(
             if not isinstance(atoms, ase.Atoms):
                 raise ValueError(f"structure #{k} is a {type(atoms).__name__}, not an ase.Atoms.")
             task = _task_of(cfg, atoms, task_name, k)
-            cfg.dataset_index(task)  # unknown task: error with the list
             cfg.check_atoms(atoms, f"structure #{k}")
             batch.append(atoms)
             tasks.append(task)

@@ -83,11 +83,10 @@ def main(ctx, debug):
 
 
 def _task_for(model, task, atoms, where):
-    name = task or atoms.info.get("task") or (model.config.task_names[0] if len(model.config.task_names) == 1 else None)
-    if name is None:
-        raise _Fail(f"{where}: give --task (this model's tasks: {', '.join(model.config.task_names)})")
-    model.config.dataset_index(name)  # unknown task: one line naming the valid ones
-    return name
+    try:
+        return model.config.resolve_task(task, atoms)
+    except ValueError as e:  # one line, naming the structure and the valid tasks
+        raise _Fail(f"{where}: {e} (CLI: --task)") from None
 
 
 def _set_charge_spin(atoms, charge, spin):
