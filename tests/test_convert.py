@@ -174,7 +174,7 @@ def test_save_load_roundtrip_and_merged(tmp_path):
 
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     g = uma_eqx.AtomicGraph.from_atoms(atoms, cutoff=6.0, datasets=model.config.datasets, task_name="omat")
-    merged = uma_eqx.merge_experts(model, model.backbone.expert_coefficients(g)[0])
+    merged = uma_eqx.merge_experts_for(model, g)
     uma_eqx.save(tmp_path / "m.eqx", merged)
     back = uma_eqx.load(tmp_path / "m.eqx")
     assert back.is_merged and uma_eqx.read_header(tmp_path / "m.eqx")["merged"]

@@ -64,7 +64,7 @@ def test_edge_chunks_give_the_unchunked_sum(merged):
     model, graph = _model(), _graph()
     num_edges = graph.edge_index.shape[1]
     if merged:
-        model = uma_eqx.merge_experts(model, model.backbone.expert_coefficients(graph)[0])
+        model = uma_eqx.merge_experts_for(model, graph)
     one_chunk = _efs(_with_chunk_size(model, num_edges), graph)
     # 7 does not divide the edge count: exercises the null-edge padding; chunks straddle systems
     assert num_edges % 7 != 0
