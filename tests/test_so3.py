@@ -306,3 +306,33 @@ def test_s2_grid_round_trip(lmax):
     # to_grid holds the harmonics at fairchem's grid points (beta polar from +y, alpha from +z)
     y = np.asarray(_stacked_sh(lmax, jnp.asarray(_grid_points(lmax))))
     np.testing.assert_allclose(to_grid, y, atol=ATOL_EXACT)
+
+
+def test_rotate_value_and_derivatives_match_plain_einsum():
+    # `so3.rotate` swaps in a transposed copy for the backward pass; the oracle is the plain
+    # einsum and its autodiff: value, VJP, JVP and a second derivative (as `jax.hessian` takes).
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(3), 4)
+    m = jax.random.normal(k1, (7, 5, 4), jnp.float64)
+    x = jax.random.normal(k2, (7, 4, 3), jnp.float64)
+    g = jax.random.normal(k3, (7, 5, 3), jnp.float64)
+    t = jax.random.normal(k4, (7, 4, 3), jnp.float64)
+
+    def plain(m, x):
+        return jnp.einsum("erk,ekc->erc", m, x)
+
+    def fast(m, x):
+        return so3.rotate(m, jnp.swapaxes(m, 1, 2), x)
+
+    np.testing.assert_allclose(fast(m, x), plain(m, x), rtol=1e-14)
+    for got, want in zip(jax.vjp(fast, m, x)[1](g), jax.vjp(plain, m, x)[1](g)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(
+        jax.jvp(fast, (m, x), (m * 0.5, t))[1], jax.jvp(plain, (m, x), (m * 0.5, t))[1], rtol=1e-12, atol=1e-13
+    )
+
+    def scalar(fn):
+        return lambda s: jnp.sum(jnp.sin(fn(m * s, x * s)))
+
+    np.testing.assert_allclose(jax.hessian(scalar(fast))(1.3), jax.hessian(scalar(plain))(1.3), rtol=1e-11)
+    # the transposed copy is a computational aid: perturbing it alone changes nothing
+    assert not np.any(jax.jvp(lambda mt: so3.rotate(m, mt, x), (jnp.swapaxes(m, 1, 2),), (jnp.ones((7, 4, 5), jnp.float64),))[1])

@@ -22,7 +22,7 @@ from .nn import (
     TableChargeSpinEmbedding,
     polynomial_envelope,
 )
-from .so3 import coefficient_layout, edge_rotation_matrix, safe_norm, wigner_d_from_matrix
+from .so3 import coefficient_layout, edge_rotation_matrix, rotate, safe_norm, wigner_d_from_matrix
 
 
 def _charge_spin_embedding(config: UMAConfig, target: str, dtype, key) -> AbstractChargeSpinEmbedding:
@@ -193,7 +193,16 @@ class UMABackbone(eqx.Module):
             ],
             axis=-1,
         )
-        frame = EdgeFrame(wigner, wigner_inv_envelope, x_edge, source, target, graph.system_index[target])
+        frame = EdgeFrame(
+            wigner,
+            wigner_inv_envelope,
+            jnp.swapaxes(wigner, 1, 2),
+            jnp.swapaxes(wigner_inv_envelope, 1, 2),
+            x_edge,
+            source,
+            target,
+            graph.system_index[target],
+        )
         return frame, envelope
 
     def __call__(
@@ -243,7 +252,7 @@ class UMABackbone(eqx.Module):
         # edge-degree embedding (`nn/embedding.py:EdgeDegreeEmbedding`, rescale 5.0)
         m0 = cfg.lmax + 1
         rad = self.edge_degree_rad(frame.x_edge).reshape(-1, m0, cfg.sphere_channels)
-        msg = jnp.einsum("ekm,emc->ekc", frame.wigner_inv_envelope[:, :, :m0], rad)
+        msg = rotate(frame.wigner_inv_envelope[:, :, :m0], frame.wigner_inv_envelope_t[:, :m0], rad)
         x = x + jax.ops.segment_sum(msg, frame.target, num_segments=num_atoms) / EDGE_DEGREE_RESCALE
 
         natoms = jax.ops.segment_sum(graph.atom_mask.astype(dtype), graph.system_index, num_segments=num_systems)

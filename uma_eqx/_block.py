@@ -21,7 +21,7 @@ from .nn import (
     gate_activation,
 )
 from .nn._linear import map_mole
-from .so3 import coefficient_layout
+from .so3 import coefficient_layout, rotate
 
 # Edges per chunk of the edgewise message passing. A chunk's widest features,
 # `(chunk, m_coeffs, 2 sphere_channels)` float32 (~4.7 MB for uma-s at 512 edges), stay in
@@ -55,6 +55,8 @@ class EdgeFrame(eqx.Module):
 
     - `wigner`: `(edges, m_coeffs, coeffs)` rotation into the edge frame (m-major rows).
     - `wigner_inv_envelope`: `(edges, coeffs, m_coeffs)` inverse rotation times the envelope.
+    - `wigner_t`, `wigner_inv_envelope_t`: the same two, transposed (for the backward pass of
+      [`uma_eqx.so3.rotate`][]).
     - `x_edge`: `(edges, basis + 2 edge_channels)` radial basis and element embeddings.
     - `source`, `target`: edge endpoints (edges sorted by `target`).
     - `system`: system of each edge (of its target atom).
@@ -62,6 +64,8 @@ class EdgeFrame(eqx.Module):
 
     wigner: Float[Array, "edges m_coeffs coeffs"]
     wigner_inv_envelope: Float[Array, "edges coeffs m_coeffs"]
+    wigner_t: Float[Array, "edges coeffs m_coeffs"]
+    wigner_inv_envelope_t: Float[Array, "edges m_coeffs coeffs"]
     x_edge: Float[Array, "edges edge_features"]
     source: Int[Array, " edges"]
     target: Int[Array, " edges"]
@@ -159,11 +163,11 @@ class Edgewise(eqx.Module):
     ) -> Float[Array, "edges coeffs channels"]:
         """The message of each edge of `frame`, rotated back and envelope-weighted."""
         pair = jnp.concatenate([x[frame.source], x[frame.target]], axis=-1)
-        msg = jnp.einsum("emk,ekc->emc", frame.wigner, pair)
+        msg = rotate(frame.wigner, frame.wigner_t, pair)
         msg, gating = checkpoint_name(self.so2_conv_1(msg, frame.x_edge, routing), "so2_conv_1")
         msg = gate_activation(gating, msg, coefficient_layout(self.lmax, self.mmax).l_of_m_row)
         msg, _ = checkpoint_name(self.so2_conv_2(msg, None, routing), "so2_conv_2")
-        return jnp.einsum("ekm,emc->ekc", frame.wigner_inv_envelope, msg)
+        return rotate(frame.wigner_inv_envelope, frame.wigner_inv_envelope_t, msg)
 
     def _saved_names(self, num_edges: int, dtype) -> tuple[str, ...]:
         # SO(2)-convolution outputs kept for the backward pass, cheapest first to drop, within

@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from ..so3 import coefficient_layout
@@ -71,27 +72,21 @@ class SO2Convolution(eqx.Module):
     ) -> tuple[Float[Array, "edges m_coeffs {self.out_channels}"], Float[Array, "edges {self.extra_m0_channels}"]]:
         num_edges = x.shape[0]
         sizes = coefficient_layout(self.lmax, self.mmax).m_sizes
-        radial = None if self.rad is None else self.rad(x_edge)
         c_in, c_out = self.in_channels, self.out_channels
-
-        x0 = x[:, : sizes[0]].reshape(num_edges, -1)
-        offset_r = x0.shape[1]
-        if radial is not None:
-            x0 = x0 * radial[:, :offset_r]
-        y0 = self.fc_m0(x0, routing)
-        gating, y0 = y0[:, : self.extra_m0_channels], y0[:, self.extra_m0_channels :]
+        # One `split` per array instead of static slices: its transpose (the backward pass) is
+        # one concatenation, where slices would each be zero-padded to full size and summed.
+        rows = [sizes[0]] + [n for n in sizes[1:] for _ in (0, 1)]  # m=0, then +m and -m rows
+        blocks = jnp.split(x, np.cumsum(rows)[:-1], axis=1)
+        blocks = [b.reshape(num_edges, -1) for b in blocks]
+        if self.rad is not None:
+            widths = [sizes[0] * c_in] + [n * c_in for n in sizes[1:]]
+            radial = jnp.split(self.rad(x_edge), np.cumsum(widths)[:-1], axis=1)
+            blocks = [blocks[0] * radial[0]] + [b * radial[1 + k // 2] for k, b in enumerate(blocks[1:])]
+        gating, y0 = jnp.split(self.fc_m0(blocks[0], routing), [self.extra_m0_channels], axis=1)
         out = [y0.reshape(num_edges, -1, c_out)]
-
-        row = sizes[0]
         for m in range(1, self.mmax + 1):
-            n_l = sizes[m]
-            xm = x[:, row : row + 2 * n_l].reshape(num_edges, 2, n_l * c_in)
-            row += 2 * n_l
-            if radial is not None:
-                xm = xm * radial[:, None, offset_r : offset_r + n_l * c_in]
-                offset_r += n_l * c_in
-            plus, minus = _complex_product(self.fc_m[m - 1], xm[:, 0], xm[:, 1], routing)
-            out += [plus.reshape(num_edges, n_l, c_out), minus.reshape(num_edges, n_l, c_out)]
+            plus, minus = _complex_product(self.fc_m[m - 1], blocks[2 * m - 1], blocks[2 * m], routing)
+            out += [plus.reshape(num_edges, -1, c_out), minus.reshape(num_edges, -1, c_out)]
         return jnp.concatenate(out, axis=1), gating
 
 

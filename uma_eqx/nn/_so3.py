@@ -160,4 +160,5 @@ def gate_activation(
     g = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], lmax, channels)
     # static slices (fused into the product) rather than a gather of the gate rows
     g = jnp.stack([g[..., int(l) - 1, :] for l in l_of_row[1:]], axis=-2)
-    return jnp.concatenate([jax.nn.silu(x[..., :1, :]), x[..., 1:, :] * g], axis=-2)
+    x0, rest = jnp.split(x, [1], axis=-2)  # one split: its transpose is one concatenation
+    return jnp.concatenate([jax.nn.silu(x0), rest * g], axis=-2)

@@ -9,5 +9,6 @@ from ._rotation import (
 )
 from ._wigner import (
     real_spherical_harmonics as real_spherical_harmonics,
+    rotate as rotate,
     wigner_d_from_matrix as wigner_d_from_matrix,
 )
