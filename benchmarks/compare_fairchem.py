@@ -32,6 +32,7 @@ import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -691,6 +692,12 @@ def report_markdown(results: dict, img_prefix: str | None) -> str:
             "(a check that both ran the same model). Peak RSS includes loading the weights: fairchem's "
             "`load_predict_unit` reads the whole checkpoint (training and EMA weights), uma_eqx the `.eqx` file.")  # fmt: skip
         add("")
+        rounds = results.get("args", {}).get("rounds", 1)
+        if rounds > 1:
+            add(f"Every measurement ran in {rounds} rounds (the whole list, in order, {rounds} times, each "
+                "measurement in a new process), and the timed calls of all rounds are pooled, so slow drifts of "
+                "the machine's speed hit both implementations alike.")  # fmt: skip
+            add("")
         add(comparison_table(rows))
         add("")
     add("### All measurements")
@@ -804,6 +811,11 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=ints, default=[64, 128, 256, 512], help="atoms per fcc Cu system (comma separated)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first one")
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="run the whole list of measurements this many times, alternating implementations, and pool the "
+        "timed calls (slow drifts of a shared machine then hit both sides alike)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every worker")
     p.add_argument(
         "--stress-size", type=int, default=None, help="size of the E+F+S measurement (default 256 or the largest)"
@@ -877,18 +889,23 @@ def main(argv=None) -> int:
     jobs = plan(args, fairchem, weights)
     if args.only:
         jobs = [job for job in jobs if re.search(args.only, job[2])]
-    print(f"{len(jobs)} measurements, one process each:")
-    for kind, job, label in jobs:
-        payload, error, wall = run_worker(kind, job, args, label)
-        if error:
-            impl = "uma_eqx" if kind == "eqx" else "fairchem"
-            results["rows"].append(
-                {"impl": impl, "variant": label, "atoms": job.get("atoms"), "error": error.splitlines()[0]}
-            )
-            continue
-        for r in payload:
-            r["wall_s"] = wall
-        results["rows"].extend(payload)
+    print(f"{len(jobs)} measurements, one process each" + (f", {args.rounds} rounds" if args.rounds > 1 else "") + ":")
+    rounds = []
+    for k in range(args.rounds):
+        rows = []
+        for kind, job, label in jobs:
+            payload, error, wall = run_worker(kind, job, args, label + (f" (round {k + 1})" if args.rounds > 1 else ""))
+            if error:
+                impl = "uma_eqx" if kind == "eqx" else "fairchem"
+                rows.append({"impl": impl, "variant": label, "atoms": job.get("atoms"), "error": error.splitlines()[0]})
+                rows[-1]["job"] = label
+                continue
+            for i, r in enumerate(payload):
+                r["wall_s"] = wall
+                r["job"] = label if len(payload) == 1 else f"{label} #{i}"
+            rows.extend(payload)
+        rounds.append(rows)
+    results["rows"] = merge_rounds(rounds)
     if args.find_max:
         start = max([n for n in args.big + args.sizes])
         find_max(args, fairchem, weights, start, results["rows"])
@@ -897,6 +914,46 @@ def main(argv=None) -> int:
         results = merge_update(json.loads(args.update.read_text()), results)
     _attach_flops(results["rows"])
     return write_outputs(results, args)
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per measurement from `--rounds` repetitions of the whole job list.
+
+    Every round runs each measurement in a new process, in the same order, so slow drifts of
+    the machine's speed (other tenants, clocks) hit both implementations alike instead of
+    whichever ran at a bad moment. Rows are matched by their job label (`job`). Timed calls of all rounds are pooled: `best_s` and
+    `median_s` are over all of them; `compile_s` is the median first call, `peak_rss_mib` the
+    largest; `times_s` keeps every call and `round_best_s` each round's best. A measurement
+    that failed in any round is reported by its error.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    merged: dict = {}
+    for rows in rounds:
+        for r in rows:
+            merged.setdefault(r["job"], []).append(r)
+    out = []
+    for group in merged.values():
+        failed = [r for r in group if "error" in r]
+        if failed:
+            out.append(failed[0])
+            continue
+        row = dict(group[0])  # energy and last_step: every round replays the same rattled steps
+        times = [t for r in group for t in r["times_s"]]
+        row.update(
+            times_s=times,
+            best_s=min(times),
+            median_s=statistics.median(times),
+            compile_s=statistics.median(r["compile_s"] for r in group),
+            peak_rss_mib=max(r["peak_rss_mib"] for r in group),
+            round_best_s=[r["best_s"] for r in group],
+            rounds=len(group),
+            repeats=len(times),
+        )
+        if "wall_s" in row:
+            row["wall_s"] = sum(r["wall_s"] for r in group)
+        out.append(row)
+    return out
 
 
 def merge_update(base: dict, new: dict) -> dict:

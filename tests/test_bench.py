@@ -99,3 +99,31 @@ def test_harness_update_replaces_matching_rows():
     label = f"{row['impl']} {row['variant']} {row['atoms']}"
     assert merged["updates"][-1]["rows"] == [label]
     assert f"Re-measured D (`C`, commit `abcdef0123`): {label}." in cf.report_markdown(merged, None)
+
+
+def test_harness_rounds_pool_the_timed_calls():
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("compare_fairchem_rounds", root / "benchmarks" / "compare_fairchem.py")
+    cf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cf)
+
+    def row(impl, times, compile_s, rss):
+        return {"impl": impl, "variant": "calculator merged", "atoms": 64, "systems": 1, "times_s": times,
+                "best_s": min(times), "median_s": sorted(times)[len(times) // 2], "compile_s": compile_s,
+                "peak_rss_mib": rss, "energy": -1.0, "wall_s": 10.0, "job": f"{impl} calculator merged 64 atoms"}  # fmt: skip
+
+    rounds = [
+        [row("uma_eqx", [1.5, 1.4], 9.0, 100.0), row("fairchem", [2.0, 2.1], 2.0, 300.0)],
+        [row("uma_eqx", [1.2, 1.3], 8.0, 120.0), {"impl": "fairchem", "variant": "fairchem calculator merged 64 atoms",
+                                                  "atoms": 64, "error": "killed", "job": "fairchem calculator merged 64 atoms"}],
+    ]  # fmt: skip
+    merged = {r["impl"]: r for r in cf.merge_rounds(rounds)}
+    uma = merged["uma_eqx"]
+    assert uma["times_s"] == [1.5, 1.4, 1.2, 1.3] and uma["best_s"] == 1.2 and uma["median_s"] == 1.35
+    assert uma["compile_s"] == 8.5 and uma["peak_rss_mib"] == 120.0 and uma["round_best_s"] == [1.4, 1.2]
+    assert uma["rounds"] == 2 and uma["repeats"] == 4 and uma["wall_s"] == 20.0
+    assert merged["fairchem"]["error"] == "killed"  # a failure in any round is reported, not hidden
+    assert cf.merge_rounds(rounds[:1]) == rounds[0]

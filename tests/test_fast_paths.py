@@ -186,3 +186,20 @@ def test_edges_not_grouped_by_system_are_refused():
     for bad in ((0,), (29, 29), (29, 200)):
         with pytest.raises(ValueError, match="UMAConfig.elements"):
             dataclasses.replace(model.config, elements=bad)
+
+
+def test_gate_on_m_blocks_equals_gate_on_all_rows():
+    # Edgewise gates the first SO(2) convolution's output block by block (m = 0, +-1, +-2);
+    # the oracle is the one-array gate over the m-major rows (fairchem's `m_prime=True`).
+    from uma_eqx.nn import gate_activation, gate_activation_blocks
+    from uma_eqx.so3 import coefficient_layout
+
+    for lmax, mmax in ((2, 2), (3, 1), (1, 1)):
+        layout = coefficient_layout(lmax, mmax)
+        k1, k2 = jax.random.split(jax.random.key(lmax * 10 + mmax))
+        x = jax.random.normal(k1, (6, layout.num_m_coeffs, 4), jnp.float64)
+        gates = jax.random.normal(k2, (6, lmax * 4), jnp.float64)
+        blocks = jnp.split(x, np.cumsum(layout.m_block_sizes)[:-1], axis=1)
+        got = jnp.concatenate(gate_activation_blocks(gates, blocks, layout.m_block_degrees), axis=1)
+        np.testing.assert_array_equal(got, gate_activation(gates, x, layout.l_of_m_row))
+        assert [len(d) for d in layout.m_block_degrees] == list(layout.m_block_sizes)

@@ -19,6 +19,7 @@ from .nn import (
     SO2Convolution,
     SO3Linear,
     gate_activation,
+    gate_activation_blocks,
 )
 from .nn._linear import map_mole
 from .so3 import coefficient_layout, rotate
@@ -164,9 +165,13 @@ class Edgewise(eqx.Module):
         """The message of each edge of `frame`, rotated back and envelope-weighted."""
         pair = jnp.concatenate([x[frame.source], x[frame.target]], axis=-1)
         msg = rotate(frame.wigner, frame.wigner_t, pair)
-        msg, gating = checkpoint_name(self.so2_conv_1(msg, frame.x_edge, routing), "so2_conv_1")
-        msg = gate_activation(gating, msg, coefficient_layout(self.lmax, self.mmax).l_of_m_row)
-        msg, _ = checkpoint_name(self.so2_conv_2(msg, None, routing), "so2_conv_2")
+        # the m blocks stay separate arrays from the first convolution's input to the second's
+        # output: no concatenation and re-split around the gate
+        blocks = self.so2_conv_1.split_blocks(msg)
+        blocks, gating = checkpoint_name(self.so2_conv_1.apply_blocks(blocks, frame.x_edge, routing), "so2_conv_1")
+        blocks = gate_activation_blocks(gating, blocks, coefficient_layout(self.lmax, self.mmax).m_block_degrees)
+        blocks, _ = self.so2_conv_2.apply_blocks(blocks, None, routing)
+        msg = checkpoint_name(jnp.concatenate(blocks, axis=1), "so2_conv_2")
         return rotate(frame.wigner_inv_envelope, frame.wigner_inv_envelope_t, msg)
 
     def _saved_names(self, num_edges: int, dtype) -> tuple[str, ...]:

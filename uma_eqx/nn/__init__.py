@@ -23,4 +23,5 @@ from ._so3 import (
     EquivariantRMSNorm as EquivariantRMSNorm,
     SO3Linear as SO3Linear,
     gate_activation as gate_activation,
+    gate_activation_blocks as gate_activation_blocks,
 )

@@ -64,29 +64,43 @@ class SO2Convolution(eqx.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.extra_m0_channels = extra_m0_channels
 
+    def split_blocks(self, x: Float[Array, "edges m_coeffs channels"]) -> list[Float[Array, "edges _ channels"]]:
+        """m-major rows as blocks: `m = 0`, then `+m` and `-m` for `m = 1..mmax`.
+
+        One `split` rather than static slices: its transpose (the backward pass) is one
+        concatenation, where slices would each be zero-padded to full size and summed.
+        """
+        return jnp.split(x, np.cumsum(coefficient_layout(self.lmax, self.mmax).m_block_sizes)[:-1], axis=1)
+
+    def apply_blocks(
+        self,
+        blocks: list[Float[Array, "edges _ {self.in_channels}"]],
+        x_edge: Float[Array, "edges edge_features"] | None = None,
+        routing: MoLERouting | None = None,
+    ) -> tuple[list[Float[Array, "edges _ {self.out_channels}"]], Float[Array, "edges {self.extra_m0_channels}"]]:
+        """The convolution on [`SO2Convolution.split_blocks`][] blocks; returns blocks and the gating scalars."""
+        num_edges = blocks[0].shape[0]
+        sizes = coefficient_layout(self.lmax, self.mmax).m_sizes
+        c_in, c_out = self.in_channels, self.out_channels
+        flat = [b.reshape(num_edges, -1) for b in blocks]
+        if self.rad is not None:
+            widths = [n * c_in for n in sizes]
+            radial = jnp.split(self.rad(x_edge), np.cumsum(widths)[:-1], axis=1)
+            flat = [flat[0] * radial[0]] + [b * radial[1 + k // 2] for k, b in enumerate(flat[1:])]
+        gating, y0 = jnp.split(self.fc_m0(flat[0], routing), [self.extra_m0_channels], axis=1)
+        out = [y0.reshape(num_edges, -1, c_out)]
+        for m in range(1, self.mmax + 1):
+            plus, minus = _complex_product(self.fc_m[m - 1], flat[2 * m - 1], flat[2 * m], routing)
+            out += [plus.reshape(num_edges, -1, c_out), minus.reshape(num_edges, -1, c_out)]
+        return out, gating
+
     def __call__(
         self,
         x: Float[Array, "edges m_coeffs {self.in_channels}"],
         x_edge: Float[Array, "edges edge_features"] | None = None,
         routing: MoLERouting | None = None,
     ) -> tuple[Float[Array, "edges m_coeffs {self.out_channels}"], Float[Array, "edges {self.extra_m0_channels}"]]:
-        num_edges = x.shape[0]
-        sizes = coefficient_layout(self.lmax, self.mmax).m_sizes
-        c_in, c_out = self.in_channels, self.out_channels
-        # One `split` per array instead of static slices: its transpose (the backward pass) is
-        # one concatenation, where slices would each be zero-padded to full size and summed.
-        rows = [sizes[0]] + [n for n in sizes[1:] for _ in (0, 1)]  # m=0, then +m and -m rows
-        blocks = jnp.split(x, np.cumsum(rows)[:-1], axis=1)
-        blocks = [b.reshape(num_edges, -1) for b in blocks]
-        if self.rad is not None:
-            widths = [sizes[0] * c_in] + [n * c_in for n in sizes[1:]]
-            radial = jnp.split(self.rad(x_edge), np.cumsum(widths)[:-1], axis=1)
-            blocks = [blocks[0] * radial[0]] + [b * radial[1 + k // 2] for k, b in enumerate(blocks[1:])]
-        gating, y0 = jnp.split(self.fc_m0(blocks[0], routing), [self.extra_m0_channels], axis=1)
-        out = [y0.reshape(num_edges, -1, c_out)]
-        for m in range(1, self.mmax + 1):
-            plus, minus = _complex_product(self.fc_m[m - 1], blocks[2 * m - 1], blocks[2 * m], routing)
-            out += [plus.reshape(num_edges, -1, c_out), minus.reshape(num_edges, -1, c_out)]
+        out, gating = self.apply_blocks(self.split_blocks(x), x_edge, routing)
         return jnp.concatenate(out, axis=1), gating
 
 

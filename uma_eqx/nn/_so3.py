@@ -145,6 +145,20 @@ class EquivariantLayerNormSH(AbstractEquivariantNorm):
         return jnp.concatenate(out, axis=-2)
 
 
+def _gate(sig: Float[Array, "*rows lmax channels"], x: Float[Array, "*rows k channels"], l_of_row: np.ndarray):
+    # SiLU on a leading l = 0 row, sigmoid gate `sig[l-1]` on every row of degree l >= 1.
+    # Static slices (fused into the product) rather than a gather of the gate rows.
+    silu_first = int(l_of_row[0]) == 0
+    gated = l_of_row[1:] if silu_first else l_of_row
+    g = jnp.stack([sig[..., int(l) - 1, :] for l in gated], axis=-2) if len(gated) else None
+    if not silu_first:
+        return x * g
+    if g is None:
+        return jax.nn.silu(x)
+    x0, rest = jnp.split(x, [1], axis=-2)  # one split: its transpose is one concatenation
+    return jnp.concatenate([jax.nn.silu(x0), rest * g], axis=-2)
+
+
 def gate_activation(
     gates: Float[Array, "*rows lmax_times_channels"],
     x: Float[Array, "*rows coeffs channels"],
@@ -153,12 +167,20 @@ def gate_activation(
     """SiLU on the first (`l = 0`) row, `sigmoid(gate[l-1])` times every row of degree `l >= 1`.
 
     Port of `nn/activation.py:GateActivation`; `l_of_row` gives the degree of each row (l-major
-    for node features, m-major in the edge frame, which is fairchem's `m_prime=True`).
+    for node features, m-major in the edge frame, which is fairchem's `m_prime=True`). A block
+    of rows without `l = 0` (e.g. one `m != 0` block of the edge frame) is gated throughout.
     """
-    lmax = int(l_of_row.max()) if len(l_of_row) > 1 else 0
     channels = x.shape[-1]
-    g = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], lmax, channels)
-    # static slices (fused into the product) rather than a gather of the gate rows
-    g = jnp.stack([g[..., int(l) - 1, :] for l in l_of_row[1:]], axis=-2)
-    x0, rest = jnp.split(x, [1], axis=-2)  # one split: its transpose is one concatenation
-    return jnp.concatenate([jax.nn.silu(x0), rest * g], axis=-2)
+    sig = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], gates.shape[-1] // channels, channels)
+    return _gate(sig, x, l_of_row)
+
+
+def gate_activation_blocks(
+    gates: Float[Array, "*rows lmax_times_channels"],
+    blocks: "list[Float[Array, '*rows _ channels']]",
+    l_of_rows: "tuple[np.ndarray, ...]",
+) -> "list[Float[Array, '*rows _ channels']]":
+    """[`gate_activation`][] of each block of rows (degrees `l_of_rows[k]`), sigmoid taken once."""
+    channels = blocks[0].shape[-1]
+    sig = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], gates.shape[-1] // channels, channels)
+    return [_gate(sig, b, l) for b, l in zip(blocks, l_of_rows)]

@@ -45,6 +45,16 @@ class CoefficientLayout:
     def num_m_coeffs(self) -> int:
         return len(self.m_major_rows)
 
+    @property
+    def m_block_sizes(self) -> tuple[int, ...]:
+        """Rows of each m-major block: `m = 0`, then `+m` and `-m` for `m = 1..mmax`."""
+        return (self.m_sizes[0],) + tuple(n for n in self.m_sizes[1:] for _ in (0, 1))
+
+    @property
+    def m_block_degrees(self) -> tuple[np.ndarray, ...]:
+        """`l_of_m_row` split into the blocks of `m_block_sizes`."""
+        return tuple(np.split(self.l_of_m_row, np.cumsum(self.m_block_sizes)[:-1]))
+
 
 @functools.cache
 def coefficient_layout(lmax: int, mmax: int) -> CoefficientLayout:
