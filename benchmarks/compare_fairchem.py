@@ -671,7 +671,9 @@ def report_markdown(results: dict, img_prefix: str | None) -> str:
     for u in results.get("updates", []):
         g = u.get("git") or {}
         add(f"Re-measured {u['date']} (`{u['command']}`" + (f", commit `{g['commit'][:10]}`" if g else "")
-            + (" with local changes" if g.get("dirty") else "") + "): " + "; ".join(u["rows"]) + ".")  # fmt: skip
+            + (" with local changes" if g.get("dirty") else "") + "): " + "; ".join(u["rows"]) + "."
+            + (f" That run's matmul peak, used for these rows' \"% of matmul peak\": {u['peak'] / 1e9:.0f} GFLOP/s."
+               if u.get("peak") else ""))  # fmt: skip
         add("")
     if peak:
         add(f"Matmul peak on these threads (float32, {peak['n']}×{peak['n']}): "
@@ -963,10 +965,12 @@ def merge_update(base: dict, new: dict) -> dict:
     rows = [r for r in base["rows"] if key(r) not in replaced]
     for r in new["rows"]:
         r["updated"] = new["date"]
+        r["peak_flops"] = (new.get("peak") or {}).get("jax_matmul_flops")  # this run's peak, for "% of peak"
     base = dict(base, rows=rows + new["rows"])
     base.setdefault("updates", []).append(
         {"date": new["date"], "command": new["command"], "git": new["machine"].get("git"),
-         "rows": sorted(f"{i} {v} {n}" for i, v, n in replaced)}
+         "rows": sorted(f"{i} {v} {n}" for i, v, n in replaced),
+         "peak": (new.get("peak") or {}).get("jax_matmul_flops")}
     )  # fmt: skip
     return base
 

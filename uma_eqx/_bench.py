@@ -391,7 +391,8 @@ def format_table(rows: Sequence[dict], *, peak_flops: float | None = None) -> st
     """A markdown table of benchmark rows (time per call, throughput, FLOP/s, memory).
 
     With `peak_flops` (e.g. [`matmul_peak_flops`][]) a column gives the achieved FLOP/s as a
-    fraction of it.
+    fraction of it; a row's own `peak_flops` (measured in the run that produced the row, when
+    rows of several runs are merged) takes precedence.
     """
     head = ["implementation", "variant", "atoms", "edges", "compile", "best", "median", "µs/atom", "GFLOP/s"]
     if peak_flops:
@@ -419,7 +420,8 @@ def format_table(rows: Sequence[dict], *, peak_flops: float | None = None) -> st
             "–" if rate is None else f"{rate / 1e9:.1f}",
         ]
         if peak_flops:
-            cells.append("–" if rate is None else f"{100 * rate / peak_flops:.0f}")
+            peak = r.get("peak_flops") or peak_flops
+            cells.append("–" if rate is None else f"{100 * rate / peak:.0f}")
         cells.append(f"{r['peak_rss_mib']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
