@@ -891,7 +891,8 @@ def main(argv=None) -> int:
     jobs = plan(args, fairchem, weights)
     if args.only:
         jobs = [job for job in jobs if re.search(args.only, job[2])]
-    print(f"{len(jobs)} measurements, one process each" + (f", {args.rounds} rounds" if args.rounds > 1 else "") + ":")
+    rounds_note = f", {args.rounds} rounds" if args.rounds > 1 else ""
+    print(f"{len(jobs)} measurements, one process each{rounds_note}:")
     rounds = []
     for k in range(args.rounds):
         rows = []
@@ -923,10 +924,11 @@ def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
 
     Every round runs each measurement in a new process, in the same order, so slow drifts of
     the machine's speed (other tenants, clocks) hit both implementations alike instead of
-    whichever ran at a bad moment. Rows are matched by their job label (`job`). Timed calls of all rounds are pooled: `best_s` and
-    `median_s` are over all of them; `compile_s` is the median first call, `peak_rss_mib` the
-    largest; `times_s` keeps every call and `round_best_s` each round's best. A measurement
-    that failed in any round is reported by its error.
+    whichever ran at a bad moment. Rows are matched by their job label (`job`). Timed calls
+    of all rounds are pooled: `best_s` and `median_s` are over all of them; `compile_s` is the
+    median first call, `peak_rss_mib` the largest; `times_s` keeps every call and
+    `round_best_s` each round's best. A measurement that failed in any round is reported by
+    its error.
     """
     if len(rounds) == 1:
         return rounds[0]

@@ -335,4 +335,5 @@ def test_rotate_value_and_derivatives_match_plain_einsum():
 
     np.testing.assert_allclose(jax.hessian(scalar(fast))(1.3), jax.hessian(scalar(plain))(1.3), rtol=1e-11)
     # the transposed copy is a computational aid: perturbing it alone changes nothing
-    assert not np.any(jax.jvp(lambda mt: so3.rotate(m, mt, x), (jnp.swapaxes(m, 1, 2),), (jnp.ones((7, 4, 5), jnp.float64),))[1])
+    ones = jnp.ones((7, 4, 5), jnp.float64)
+    assert not np.any(jax.jvp(lambda mt: so3.rotate(m, mt, x), (jnp.swapaxes(m, 1, 2),), (ones,))[1])

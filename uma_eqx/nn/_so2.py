@@ -78,7 +78,10 @@ class SO2Convolution(eqx.Module):
         x_edge: Float[Array, "edges edge_features"] | None = None,
         routing: MoLERouting | None = None,
     ) -> tuple[list[Float[Array, "edges _ {self.out_channels}"]], Float[Array, "edges {self.extra_m0_channels}"]]:
-        """The convolution on [`SO2Convolution.split_blocks`][] blocks; returns blocks and the gating scalars."""
+        """The convolution on [`uma_eqx.nn.SO2Convolution.split_blocks`][] blocks.
+
+        Returns the output blocks and the gating scalars (the `m = 0` extra outputs).
+        """
         num_edges = blocks[0].shape[0]
         sizes = coefficient_layout(self.lmax, self.mmax).m_sizes
         c_in, c_out = self.in_channels, self.out_channels

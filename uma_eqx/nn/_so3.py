@@ -180,7 +180,7 @@ def gate_activation_blocks(
     blocks: "list[Float[Array, '*rows _ channels']]",
     l_of_rows: "tuple[np.ndarray, ...]",
 ) -> "list[Float[Array, '*rows _ channels']]":
-    """[`gate_activation`][] of each block of rows (degrees `l_of_rows[k]`), sigmoid taken once."""
+    """[`uma_eqx.nn.gate_activation`][] of each block of rows (degrees `l_of_rows[k]`), sigmoid taken once."""
     channels = blocks[0].shape[-1]
     sig = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], gates.shape[-1] // channels, channels)
     return [_gate(sig, b, l) for b, l in zip(blocks, l_of_rows)]
