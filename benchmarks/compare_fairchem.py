@@ -900,8 +900,8 @@ def main(argv=None) -> int:
             payload, error, wall = run_worker(kind, job, args, label + (f" (round {k + 1})" if args.rounds > 1 else ""))
             if error:
                 impl = "uma_eqx" if kind == "eqx" else "fairchem"
-                rows.append({"impl": impl, "variant": label, "atoms": job.get("atoms"), "error": error.splitlines()[0]})
-                rows[-1]["job"] = label
+                error = error.splitlines()[0]
+                rows.append({"impl": impl, "variant": label, "atoms": job.get("atoms"), "error": error, "job": label})
                 continue
             for i, r in enumerate(payload):
                 r["wall_s"] = wall
@@ -965,14 +965,15 @@ def merge_update(base: dict, new: dict) -> dict:
     key = lambda r: (r["impl"], r["variant"], r.get("atoms"))  # noqa: E731
     replaced = {key(r) for r in new["rows"]}
     rows = [r for r in base["rows"] if key(r) not in replaced]
+    peak = (new.get("peak") or {}).get("jax_matmul_flops")  # this run's peak, for the rows' "% of peak"
     for r in new["rows"]:
         r["updated"] = new["date"]
-        r["peak_flops"] = (new.get("peak") or {}).get("jax_matmul_flops")  # this run's peak, for "% of peak"
+        r["peak_flops"] = peak
     base = dict(base, rows=rows + new["rows"])
     base.setdefault("updates", []).append(
         {"date": new["date"], "command": new["command"], "git": new["machine"].get("git"),
          "rows": sorted(f"{i} {v} {n}" for i, v, n in replaced),
-         "peak": (new.get("peak") or {}).get("jax_matmul_flops")}
+         "peak": peak}
     )  # fmt: skip
     return base
 

@@ -182,7 +182,8 @@ class UMABackbone(eqx.Module):
         wigner_full = jax.vmap(wigner_d_from_matrix, in_axes=(0, None))(rot, cfg.lmax)
         rows = coefficient_layout(cfg.lmax, cfg.mmax).m_major_rows
         wigner = wigner_full[:, rows, :]
-        wigner_inv_envelope = jnp.swapaxes(wigner, 1, 2) * envelope[:, None, None]
+        wigner_t = jnp.swapaxes(wigner, 1, 2)  # the inverse rotation (orthogonal), kept for `so3.rotate`
+        wigner_inv_envelope = wigner_t * envelope[:, None, None]
         source, target = graph.edge_index[0], graph.edge_index[1]
         z = graph.atomic_numbers
         x_edge = jnp.concatenate(
@@ -196,8 +197,8 @@ class UMABackbone(eqx.Module):
         frame = EdgeFrame(
             wigner,
             wigner_inv_envelope,
-            jnp.swapaxes(wigner, 1, 2),
-            jnp.swapaxes(wigner_inv_envelope, 1, 2),
+            wigner_t,
+            wigner * envelope[:, None, None],  # `wigner_inv_envelope` transposed
             x_edge,
             source,
             target,

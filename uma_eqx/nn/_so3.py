@@ -170,16 +170,14 @@ def gate_activation(
     for node features, m-major in the edge frame, which is fairchem's `m_prime=True`). A block
     of rows without `l = 0` (e.g. one `m != 0` block of the edge frame) is gated throughout.
     """
-    channels = x.shape[-1]
-    sig = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], gates.shape[-1] // channels, channels)
-    return _gate(sig, x, l_of_row)
+    return gate_activation_blocks(gates, [x], (l_of_row,))[0]
 
 
 def gate_activation_blocks(
     gates: Float[Array, "*rows lmax_times_channels"],
-    blocks: "list[Float[Array, '*rows _ channels']]",
-    l_of_rows: "tuple[np.ndarray, ...]",
-) -> "list[Float[Array, '*rows _ channels']]":
+    blocks: list[Float[Array, "*rows _ channels"]],
+    l_of_rows: tuple[np.ndarray, ...],
+) -> list[Float[Array, "*rows _ channels"]]:
     """[`uma_eqx.nn.gate_activation`][] of each block of rows (degrees `l_of_rows[k]`), sigmoid taken once."""
     channels = blocks[0].shape[-1]
     sig = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], gates.shape[-1] // channels, channels)
