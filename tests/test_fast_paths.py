@@ -22,7 +22,7 @@ from conftest import FIXTURES, rel_err
 
 import uma_eqx
 from uma_eqx import _block
-from uma_eqx.nn import Linear, MoLELinear, MoLERouting
+from uma_eqx.nn import EdgeScalars, FactoredRadialMLP, Linear, MoLELinear, MoLERouting, RadialMLP, factor_radial_mlps
 from uma_eqx.nn._so2 import _complex_product
 
 #: same computation in another summation order (float64)
@@ -136,8 +136,8 @@ def test_chunks_never_mix_systems_and_hold_every_edge_once():
             assert set(systems[c][real[c]]) <= {int(chunk_system[c])}
         # every edge exactly once: compare (source, target, x_edge) multisets
         got = sorted(zip(np.asarray(chunks.source)[real], np.asarray(chunks.target)[real],
-                         np.asarray(chunks.x_edge)[real][:, 0]))
-        want = sorted(zip(np.asarray(frame.source), np.asarray(frame.target), np.asarray(frame.x_edge)[:, 0]))
+                         np.asarray(chunks.x_edge.basis)[real][:, 0]))
+        want = sorted(zip(np.asarray(frame.source), np.asarray(frame.target), np.asarray(frame.x_edge.basis)[:, 0]))
         assert got == want
         assert not np.asarray(chunks.wigner_inv_envelope)[~real].any()
 
@@ -154,14 +154,15 @@ def test_system_aligned_chunks_match_the_plain_multi_system_mole():
     assert int((np.asarray(routing.group_sizes) > 0).sum()) >= 2
     x = jax.random.normal(jax.random.key(1), (graph.atomic_numbers.shape[0], 9, model.config.sphere_channels),
                           jnp.float64)
-    edge_wise = backbone.blocks[0].edge_wise
+    tables = backbone.source_embedding, backbone.target_embedding
+    edge_wise = factor_radial_mlps(backbone.blocks[0].edge_wise, *tables)
     plain = jax.ops.segment_sum(edge_wise.messages(x, frame, routing), frame.target, x.shape[0])
     # with `active`, the padding system's chunks are skipped: real atoms are unchanged
     active = MoLERouting(routing.coefficients, routing.group_sizes, graph.system_mask)
     assert not bool(graph.system_mask.all())
     real = np.asarray(graph.atom_mask)
     for size in (7, 64):
-        edge_wise = _with_chunk_size(model, size).backbone.blocks[0].edge_wise
+        edge_wise = factor_radial_mlps(_with_chunk_size(model, size).backbone.blocks[0].edge_wise, *tables)
         chunked = jax.jit(lambda e, x: e(x, frame, routing))(edge_wise, x)
         assert rel_err(np.asarray(chunked), np.asarray(plain)) < TOL
         skipped = jax.jit(lambda e, x: e(x, frame, active))(edge_wise, x)
@@ -203,3 +204,25 @@ def test_gate_on_m_blocks_equals_gate_on_all_rows():
         got = jnp.concatenate(gate_activation_blocks(gates, blocks, layout.m_block_degrees), axis=1)
         np.testing.assert_array_equal(got, gate_activation(gates, x, layout.l_of_m_row))
         assert [len(d) for d in layout.m_block_degrees] == list(layout.m_block_sizes)
+
+
+def test_factored_radial_mlp_equals_the_mlp_on_concatenated_features():
+    # oracle: the radial MLP on fairchem's concatenated `[basis, source_emb[z_s], target_emb[z_t]]`
+    k = jax.random.split(jax.random.key(3), 5)
+    num_basis, c, elements, edges = 16, 8, 10, 37
+    mlp = RadialMLP([num_basis + 2 * c, 12, 12, 20], jnp.float64, key=k[0])
+    source_embedding = jax.random.normal(k[1], (elements, c), jnp.float64)
+    target_embedding = jax.random.normal(k[2], (elements, c), jnp.float64)
+    z = jax.random.randint(k[3], (2, edges), 0, elements)
+    scalars = EdgeScalars(jax.random.uniform(k[4], (edges, num_basis), jnp.float64), z[0], z[1])
+    want = mlp(scalars.dense(source_embedding, target_embedding))
+    np.testing.assert_allclose(mlp.factored(source_embedding, target_embedding)(scalars), want, rtol=1e-12, atol=1e-12)
+    # the gradient in the basis (the only position-dependent part) matches too
+    dense_grad = jax.grad(lambda b: mlp(EdgeScalars(b, z[0], z[1]).dense(source_embedding, target_embedding)).sum())
+    factored = mlp.factored(source_embedding, target_embedding)
+    factored_grad = jax.grad(lambda b: factored(EdgeScalars(b, z[0], z[1])).sum())
+    np.testing.assert_allclose(factored_grad(scalars.basis), dense_grad(scalars.basis), rtol=1e-12, atol=1e-12)
+    # `factor_radial_mlps` swaps every RadialMLP of a tree and nothing else
+    tree = factor_radial_mlps({"a": mlp, "b": [mlp, 3]}, source_embedding, target_embedding)
+    assert isinstance(tree["a"], FactoredRadialMLP) and isinstance(tree["b"][0], FactoredRadialMLP)
+    assert tree["b"][1] == 3

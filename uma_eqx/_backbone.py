@@ -13,6 +13,7 @@ from .nn import (
     AbstractChargeSpinEmbedding,
     AbstractEquivariantNorm,
     DatasetEmbedding,
+    EdgeScalars,
     FourierChargeSpinEmbedding,
     GaussianBasis,
     Linear,
@@ -20,6 +21,7 @@ from .nn import (
     MoLERouting,
     RadialMLP,
     TableChargeSpinEmbedding,
+    factor_radial_mlps,
     polynomial_envelope,
 )
 from .so3 import coefficient_layout, edge_rotation_matrix, rotate, safe_norm, wigner_d_from_matrix
@@ -186,14 +188,8 @@ class UMABackbone(eqx.Module):
         wigner_inv_envelope = wigner_t * envelope[:, None, None]
         source, target = graph.edge_index[0], graph.edge_index[1]
         z = graph.atomic_numbers
-        x_edge = jnp.concatenate(
-            [
-                jax.vmap(GaussianBasis(cfg.cutoff, cfg.num_distance_basis))(distance),
-                self.source_embedding[z[source]],
-                self.target_embedding[z[target]],
-            ],
-            axis=-1,
-        )
+        basis = jax.vmap(GaussianBasis(cfg.cutoff, cfg.num_distance_basis))(distance)
+        x_edge = EdgeScalars(basis, z[source], z[target])
         frame = EdgeFrame(
             wigner,
             wigner_inv_envelope,
@@ -250,14 +246,18 @@ class UMABackbone(eqx.Module):
         atom_csd = csd[graph.system_index]
         x = x.at[:, 0, :].set(self.sphere_embedding[graph.atomic_numbers] + atom_csd)
 
+        # the radial MLPs take the edge scalars factored (`EdgeScalars`): element tables built once
+        edge_degree_rad, blocks = factor_radial_mlps(
+            (self.edge_degree_rad, self.blocks), self.source_embedding, self.target_embedding
+        )
         # edge-degree embedding (`nn/embedding.py:EdgeDegreeEmbedding`, rescale 5.0)
         m0 = cfg.lmax + 1
-        rad = self.edge_degree_rad(frame.x_edge).reshape(-1, m0, cfg.sphere_channels)
+        rad = edge_degree_rad(frame.x_edge).reshape(-1, m0, cfg.sphere_channels)
         msg = rotate(frame.wigner_inv_envelope[:, :, :m0], frame.wigner_inv_envelope_t[:, :m0], rad)
         x = x + jax.ops.segment_sum(msg, frame.target, num_segments=num_atoms) / EDGE_DEGREE_RESCALE
 
         natoms = jax.ops.segment_sum(graph.atom_mask.astype(dtype), graph.system_index, num_segments=num_systems)
-        for block in self.blocks:
+        for block in blocks:
             x = block(x, atom_csd, frame, routing)
             x = self._balance_channels(x, graph, natoms)
         return self.norm(x)

@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, Int
 from ._config import UMAConfig
 from .nn import (
     AbstractEquivariantNorm,
+    EdgeScalars,
     EquivariantLayerNorm,
     EquivariantLayerNormSH,
     EquivariantRMSNorm,
@@ -58,7 +59,7 @@ class EdgeFrame(eqx.Module):
     - `wigner_inv_envelope`: `(edges, coeffs, m_coeffs)` inverse rotation times the envelope.
     - `wigner_t`, `wigner_inv_envelope_t`: the same two, transposed (for the backward pass of
       [`uma_eqx.so3.rotate`][]).
-    - `x_edge`: `(edges, basis + 2 edge_channels)` radial basis and element embeddings.
+    - `x_edge`: the radial MLPs' input (radial basis and the endpoints' elements).
     - `source`, `target`: edge endpoints (edges sorted by `target`).
     - `system`: system of each edge (of its target atom).
     """
@@ -67,7 +68,7 @@ class EdgeFrame(eqx.Module):
     wigner_inv_envelope: Float[Array, "edges coeffs m_coeffs"]
     wigner_t: Float[Array, "edges coeffs m_coeffs"]
     wigner_inv_envelope_t: Float[Array, "edges m_coeffs coeffs"]
-    x_edge: Float[Array, "edges edge_features"]
+    x_edge: EdgeScalars
     source: Int[Array, " edges"]
     target: Int[Array, " edges"]
     system: Int[Array, " edges"]

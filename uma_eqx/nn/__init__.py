@@ -9,9 +9,12 @@ from ._embedding import (
 )
 from ._linear import Linear as Linear, MoLELinear as MoLELinear, MoLERouting as MoLERouting
 from ._radial import (
+    EdgeScalars as EdgeScalars,
+    FactoredRadialMLP as FactoredRadialMLP,
     GaussianBasis as GaussianBasis,
     LayerNorm as LayerNorm,
     RadialMLP as RadialMLP,
+    factor_radial_mlps as factor_radial_mlps,
     polynomial_envelope as polynomial_envelope,
     torch_linspace as torch_linspace,
 )

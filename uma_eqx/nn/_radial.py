@@ -4,7 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from .._constants import ENVELOPE_EXPONENT, GAUSSIAN_BASIS_WIDTH, NORM_EPS
 from ._linear import Linear
@@ -90,6 +90,79 @@ class RadialMLP(eqx.Module):
         self.norms = tuple(LayerNorm(c, dtype) for c in channels[1:-1])
 
     def __call__(self, x: Float[Array, "*rows in"]) -> Float[Array, "*rows out"]:
-        for lin, norm in zip(self.linears[:-1], self.norms):
-            x = jax.nn.silu(norm(lin(x)))
-        return self.linears[-1](x)
+        return self.after_first_linear(self.linears[0](x))
+
+    def after_first_linear(self, h: Float[Array, "*rows hidden"]) -> Float[Array, "*rows out"]:
+        """The MLP from the first linear's output on (the rest of `__call__`)."""
+        for lin, norm in zip(self.linears[1:], self.norms):
+            h = lin(jax.nn.silu(norm(h)))
+        return h
+
+    def factored(
+        self, source_embedding: Float[Array, "elements channels"], target_embedding: Float[Array, "elements channels"]
+    ) -> "FactoredRadialMLP":
+        """This MLP on [`uma_eqx.nn.EdgeScalars`][] (its input's element columns folded into tables)."""
+        first = self.linears[0]
+        c = source_embedding.shape[-1]
+        num_basis = first.weight.shape[-1] - 2 * c
+        source_table = source_embedding @ first.weight[:, num_basis : num_basis + c].T
+        target_table = target_embedding @ first.weight[:, num_basis + c :].T
+        return FactoredRadialMLP(self, source_table, target_table)
+
+
+class EdgeScalars(eqx.Module):
+    """The radial MLPs' edge input `[basis, source_embedding[z_s], target_embedding[z_t]]`, factored.
+
+    Only `basis` depends on positions; the rest depends on the two elements. A radial MLP's first
+    linear maps the element parts through `(elements, hidden)` tables built once per call (see
+    [`uma_eqx.nn.RadialMLP.factored`][]) and gathers a row per edge: the same sum as the linear on
+    the concatenated features, without the `(edges, 2 edge_channels)` product (or its gradient).
+
+    **Attributes:**
+
+    - `basis`: `(edges, num_basis)` radial basis of the edge length.
+    - `source_element`, `target_element`: `(edges,)` atomic numbers of the edge's endpoints.
+    """
+
+    basis: Float[Array, "*edges num_basis"]
+    source_element: Int[Array, "*edges"]
+    target_element: Int[Array, "*edges"]
+
+    def dense(
+        self, source_embedding: Float[Array, "elements channels"], target_embedding: Float[Array, "elements channels"]
+    ) -> Float[Array, "*edges features"]:
+        """The concatenated features (fairchem's `x_edge`)."""
+        parts = [self.basis, source_embedding[self.source_element], target_embedding[self.target_element]]
+        return jnp.concatenate(parts, axis=-1)
+
+
+class FactoredRadialMLP(eqx.Module):
+    """A [`uma_eqx.nn.RadialMLP`][] taking [`uma_eqx.nn.EdgeScalars`][]; built by `RadialMLP.factored`.
+
+    **Attributes:**
+
+    - `mlp`: the radial MLP.
+    - `source_table`, `target_table`: `(elements, hidden)` first-linear outputs of each element's
+      embedding (no bias).
+    """
+
+    mlp: RadialMLP
+    source_table: Float[Array, "elements hidden"]
+    target_table: Float[Array, "elements hidden"]
+
+    def __call__(self, x: EdgeScalars) -> Float[Array, "*edges out"]:
+        first = self.mlp.linears[0]
+        num_basis = x.basis.shape[-1]
+        h = Linear.apply(first.weight[:, :num_basis], first.bias, x.basis)
+        h = h + self.source_table[x.source_element] + self.target_table[x.target_element]
+        return self.mlp.after_first_linear(h)
+
+
+def factor_radial_mlps(
+    tree, source_embedding: Float[Array, "elements channels"], target_embedding: Float[Array, "elements channels"]
+):
+    """`tree` with every [`uma_eqx.nn.RadialMLP`][] replaced by its `factored` form (per call, inside jit)."""
+    is_mlp = lambda m: isinstance(m, RadialMLP)  # noqa: E731
+    return jax.tree.map(
+        lambda m: m.factored(source_embedding, target_embedding) if is_mlp(m) else m, tree, is_leaf=is_mlp
+    )

@@ -8,7 +8,7 @@ from jaxtyping import Array, Float
 
 from ..so3 import coefficient_layout
 from ._linear import Linear, MoLELinear, MoLERouting
-from ._radial import RadialMLP
+from ._radial import EdgeScalars, FactoredRadialMLP, RadialMLP
 
 
 class SO2Convolution(eqx.Module):
@@ -21,12 +21,13 @@ class SO2Convolution(eqx.Module):
     `(c, d)` from `-m`; the outputs are the complex product `(+m: a - d, -m: c + b)`, computed
     with three matmuls instead of four (see `_complex_product`).
     With a radial MLP, the flattened inputs of each `m` are multiplied by its slice of
-    `rad(x_edge)` first.
+    `rad(x_edge)` first (`x_edge`: the concatenated edge features, or [`uma_eqx.nn.EdgeScalars`][]
+    once `rad` is factored).
     """
 
     fc_m0: Linear | MoLELinear
     fc_m: tuple[Linear | MoLELinear, ...]
-    rad: RadialMLP | None
+    rad: RadialMLP | FactoredRadialMLP | None
     lmax: int = eqx.field(static=True)
     mmax: int = eqx.field(static=True)
     in_channels: int = eqx.field(static=True)
@@ -75,7 +76,7 @@ class SO2Convolution(eqx.Module):
     def apply_blocks(
         self,
         blocks: list[Float[Array, "edges _ {self.in_channels}"]],
-        x_edge: Float[Array, "edges edge_features"] | None = None,
+        x_edge: Float[Array, "edges edge_features"] | EdgeScalars | None = None,
         routing: MoLERouting | None = None,
     ) -> tuple[list[Float[Array, "edges _ {self.out_channels}"]], Float[Array, "edges {self.extra_m0_channels}"]]:
         """The convolution on [`uma_eqx.nn.SO2Convolution.split_blocks`][] blocks.
@@ -100,7 +101,7 @@ class SO2Convolution(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "edges m_coeffs {self.in_channels}"],
-        x_edge: Float[Array, "edges edge_features"] | None = None,
+        x_edge: Float[Array, "edges edge_features"] | EdgeScalars | None = None,
         routing: MoLERouting | None = None,
     ) -> tuple[Float[Array, "edges m_coeffs {self.out_channels}"], Float[Array, "edges {self.extra_m0_channels}"]]:
         out, gating = self.apply_blocks(self.split_blocks(x), x_edge, routing)
