@@ -23,7 +23,7 @@ from conftest import FIXTURES, rel_err
 import uma_eqx
 from uma_eqx import _block
 from uma_eqx.nn import EdgeScalars, FactoredRadialMLP, Linear, MoLELinear, MoLERouting, RadialMLP, factor_radial_mlps
-from uma_eqx.nn._so2 import _complex_product
+from uma_eqx.nn._so2 import _complex_product, _gauss_weights, _with_weight
 
 #: same computation in another summation order (float64)
 TOL = 1e-12
@@ -101,7 +101,7 @@ def test_three_matmul_complex_product_matches_fairchems_four_product_form(mole):
         layer, routing = Linear(6, 8, use_bias=False, dtype=jnp.float64, key=kl), None
         y = jnp.stack([layer(x[0]), layer(x[1])], axis=1)
     a, b, c, d = y[:, 0, :4], y[:, 0, 4:], y[:, 1, :4], y[:, 1, 4:]
-    plus, minus = _complex_product(layer, x[0], x[1], routing)
+    plus, minus = _complex_product(_with_weight(layer, _gauss_weights), x[0], x[1], routing)
     np.testing.assert_allclose(plus, a - d, rtol=TOL, atol=TOL)
     np.testing.assert_allclose(minus, c + b, rtol=TOL, atol=TOL)
 

@@ -203,6 +203,12 @@ class Edgewise(eqx.Module):
                 num_systems = routing.coefficients.shape[0]
                 chunks, chunk_systems = _split_edges(frame, self.edge_chunk_size, routing.group_sizes)
                 per_system = map_mole(lambda m: m.merge_per_system(routing.coefficients), self)
+            # the complex products' weight sums, once per call rather than per chunk
+            per_system = eqx.tree_at(
+                lambda e: (e.so2_conv_1, e.so2_conv_2),
+                per_system,
+                (per_system.so2_conv_1.with_gauss_weights(), per_system.so2_conv_2.with_gauss_weights()),
+            )
 
             def system_messages(per_system, x, chunk, system):
                 # The system's weights are sliced inside the checkpoint (the backward pass slices

@@ -33,6 +33,7 @@ class SO2Convolution(eqx.Module):
     in_channels: int = eqx.field(static=True)
     out_channels: int = eqx.field(static=True)
     extra_m0_channels: int = eqx.field(static=True)
+    gauss_form: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -64,6 +65,21 @@ class SO2Convolution(eqx.Module):
         self.lmax, self.mmax = lmax, mmax
         self.in_channels, self.out_channels = in_channels, out_channels
         self.extra_m0_channels = extra_m0_channels
+        self.gauss_form = False
+
+    def with_gauss_weights(self) -> "SO2Convolution":
+        """The same convolution with each `fc_m` weight `[W1; W2]` stored as `[W1 + W2; W1; W2]`.
+
+        These are the three weights of `_complex_product`; preparing them once (per call, outside
+        the edge loop, after merging experts) saves a pass over the weights per chunk. Expert
+        merging and slicing are linear, so they commute with this.
+        """
+        if self.gauss_form:
+            return self
+        fc_m = tuple(_with_weight(layer, _gauss_weights) for layer in self.fc_m)
+        prepared = eqx.tree_at(lambda c: c.fc_m, self, fc_m)
+        object.__setattr__(prepared, "gauss_form", True)  # a new instance (tree_at copies)
+        return prepared
 
     def split_blocks(self, x: Float[Array, "edges m_coeffs channels"]) -> list[Float[Array, "edges _ channels"]]:
         """m-major rows as blocks: `m = 0`, then `+m` and `-m` for `m = 1..mmax`.
@@ -83,6 +99,8 @@ class SO2Convolution(eqx.Module):
 
         Returns the output blocks and the gating scalars (the `m = 0` extra outputs).
         """
+        if not self.gauss_form:
+            return self.with_gauss_weights().apply_blocks(blocks, x_edge, routing)
         num_edges = blocks[0].shape[0]
         sizes = coefficient_layout(self.lmax, self.mmax).m_sizes
         c_in, c_out = self.in_channels, self.out_channels
@@ -119,24 +137,28 @@ def _with_weight(layer: Linear | MoLELinear, fn) -> Linear | MoLELinear:
     return eqx.tree_at(lambda l: getattr(l, name), layer, fn(getattr(layer, name)))
 
 
+def _gauss_weights(w: Float[Array, "*experts out in"]) -> Float[Array, "*experts out_3_2 in"]:
+    """`[W1; W2]` (two row blocks) to `[W1 + W2; W1; W2]` (see `_complex_product`)."""
+    w_1, w_2 = jnp.split(w, 2, axis=-2)
+    return jnp.concatenate([w_1 + w_2, w_1, w_2], axis=-2)
+
+
 def _complex_product(
     layer: Linear | MoLELinear,
     x_plus: Float[Array, "edges in"],
     x_minus: Float[Array, "edges in"],
     routing: MoLERouting | None,
 ) -> tuple[Float[Array, "edges half"], Float[Array, "edges half"]]:
-    """`(W1 x+ - W2 x-, W2 x+ + W1 x-)` for `layer`'s bias-free weight `[W1; W2]`.
+    """`(W1 x+ - W2 x-, W2 x+ + W1 x-)` for a bias-free linear `[W1; W2]` in Gauss form.
 
     This is the complex product `(W1 + i W2)(x+ + i x-)` of `SO2_m_Conv`, which fairchem
     computes as one linear over both rows (four real products). Gauss's three-multiplication
     form, `k1 = (W1 + W2) x+`, `k2 = W1 (x- - x+)`, `k3 = W2 (x+ + x-)`, real `k1 - k3`,
     imaginary `k1 + k2`, gives the same result with 3/4 of the matmul FLOPs (forward and
-    backward); the weight sums cost one pass over the weights.
+    backward). `layer`'s weight is `[W1 + W2; W1; W2]` (`_gauss_weights`).
     """
-    half = getattr(layer, _weight_name(layer)).shape[-2] // 2
-    w_sum = _with_weight(layer, lambda w: w[..., :half, :] + w[..., half:, :])
-    w_1 = _with_weight(layer, lambda w: w[..., :half, :])
-    w_2 = _with_weight(layer, lambda w: w[..., half:, :])
+    thirds = jnp.split(getattr(layer, _weight_name(layer)), 3, axis=-2)
+    w_sum, w_1, w_2 = (_with_weight(layer, lambda _, w=w: w) for w in thirds)
     k1 = w_sum(x_plus, routing)
     k2 = w_1(x_minus - x_plus, routing)
     k3 = w_2(x_plus + x_minus, routing)
