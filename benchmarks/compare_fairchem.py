@@ -241,7 +241,7 @@ def worker_fairchem(job: dict) -> list[dict]:
             atoms.get_stress()  # computed in the same call anyway (fairchem always regresses it)
             return energy
 
-    compile_s, times, energy, last_step = _bench._time_calls(call, 0, job["warmup"], job["repeats"])
+    compile_s, times, energy, last_step, _ = _bench._time_calls(call, 0, job["warmup"], job["repeats"])
     return [
         {
             "impl": "fairchem",
@@ -253,6 +253,7 @@ def worker_fairchem(job: dict) -> list[dict]:
             "edges": edges,
             "systems": job.get("batch", 1) if job["mode"] == "batch" else 1,
             "compile_s": compile_s,
+            "jax_compile_s": None,
             "best_s": min(times),
             "median_s": statistics.median(times),
             "times_s": times,
@@ -742,8 +743,10 @@ How it was measured (`benchmarks/compare_fairchem.py`; reproduce with the comman
   measurements the positions are **rattled again every call** (0.01 Å) so neighbour-list
   building, padding and host/device transfers count;
 - "first call" is the first energy+forces call (tracing and compilation for uma_eqx, lazy
-  initialisation and the MoLE merge for both); then one warm-up call; "best"/"median" are over
-  the timed repeats;
+  initialisation and the MoLE merge for both, and one run); for uma_eqx the table adds in
+  parentheses the part JAX reports as tracing, lowering and XLA compilation (its
+  `jax.monitoring` compile events; rows measured before this was recorded have none); then
+  one warm-up call; "best"/"median" are over the timed repeats;
 - **ASE calculator**: `uma_eqx.calculator.UMACalculator(model, task_name="omat", merge_experts=...)`
   vs `FAIRChemCalculator(load_predict_unit(path, inference_settings=...), task_name="omat")` with
   `InferenceSettings(merge_mole=..., compile=False, activation_checkpointing=False, tf32=False,
@@ -919,6 +922,11 @@ def main(argv=None) -> int:
     return write_outputs(results, args)
 
 
+def _median_or_none(values: list) -> float | None:
+    """The median of `values`, or `None` when any is missing (e.g. rows from an older run)."""
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
 def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
     """One row per measurement from `--rounds` repetitions of the whole job list.
 
@@ -926,8 +934,8 @@ def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
     the machine's speed (other tenants, clocks) hit both implementations alike instead of
     whichever ran at a bad moment. Rows are matched by their job label (`job`). Timed calls
     of all rounds are pooled: `best_s` and `median_s` are over all of them; `compile_s` is the
-    median first call, `peak_rss_mib` the largest; `times_s` keeps every call and
-    `round_best_s` each round's best. A measurement that failed in any round is reported by
+    median first call (`jax_compile_s` the median JAX compile time in it), `peak_rss_mib` the
+    largest; `times_s` keeps every call and `round_best_s` each round's best. A measurement that failed in any round is reported by
     its error.
     """
     if len(rounds) == 1:
@@ -949,6 +957,7 @@ def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
             best_s=min(times),
             median_s=statistics.median(times),
             compile_s=statistics.median(r["compile_s"] for r in group),
+            jax_compile_s=_median_or_none([r.get("jax_compile_s") for r in group]),
             peak_rss_mib=max(r["peak_rss_mib"] for r in group),
             round_best_s=[r["best_s"] for r in group],
             rounds=len(group),

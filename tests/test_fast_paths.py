@@ -222,6 +222,15 @@ def test_factored_radial_mlp_equals_the_mlp_on_concatenated_features():
     factored = mlp.factored(source_embedding, target_embedding)
     factored_grad = jax.grad(lambda b: factored(EdgeScalars(b, z[0], z[1])).sum())
     np.testing.assert_allclose(factored_grad(scalars.basis), dense_grad(scalars.basis), rtol=1e-12, atol=1e-12)
+    # mismatched widths are refused, not sliced silently
+    wide = jnp.zeros((elements, 20), jnp.float64)
+    with pytest.raises(ValueError, match="do not fit"):
+        mlp.factored(wide, wide)
+    narrow = mlp.factored(source_embedding[:, :3], target_embedding[:, :3])  # fits, as a 26-function basis
+    with pytest.raises(ValueError, match="basis has 16 functions, this MLP takes 26"):
+        narrow(scalars)
+    with pytest.raises(ValueError, match="basis has 5 functions"):
+        factored(EdgeScalars(scalars.basis[:, :5], z[0], z[1]))
     # `factor_radial_mlps` swaps every RadialMLP of a tree and nothing else
     tree = factor_radial_mlps({"a": mlp, "b": [mlp, 3]}, source_embedding, target_embedding)
     assert isinstance(tree["a"], FactoredRadialMLP) and isinstance(tree["b"][0], FactoredRadialMLP)

@@ -5,7 +5,8 @@ be reproduced exactly: every row records the energy of its last timed call and t
 `step` that produced it (see [`rattled`][]).
 
 Timing protocol per size: the first call is reported as `compile_s` (tracing + XLA compile,
-plus the MoLE merge when `merged`), then `warmup` untimed calls, then `repeats` timed calls
+plus the MoLE merge when `merged`, plus one run) with `jax_compile_s`, the part of it that JAX
+reports as tracing, lowering and compiling (see `_first_call`), then `warmup` untimed calls, then `repeats` timed calls
 whose best and median are reported. Results are blocked on (`jax.block_until_ready`) before
 the clock stops. Peak RSS is the process's `ru_maxrss` so far (it only grows), so run one
 size per process when memory matters (as `benchmarks/compare_fairchem.py` does).
@@ -183,11 +184,53 @@ def merged_model(model, graph):
     return merge_experts_for(model, graph)
 
 
+# JAX's monitoring events for the three stages of compiling a jitted function (`jax/_src/dispatch.py`).
+JAX_COMPILE_EVENTS = frozenset(
+    {
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    }
+)
+
+
+def _first_call(call, step: int):
+    """`(out, seconds, jax_compile_seconds)` of `call(step)`.
+
+    `jax_compile_seconds` sums JAX's own tracing, lowering and XLA-compile durations reported
+    during the call (`None` in a process that has not imported jax, e.g. a fairchem worker):
+    the compile part of a first call, without the run and the host work around it.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None:
+        t0 = time.perf_counter()
+        out = call(step)
+        return out, time.perf_counter() - t0, None
+    import jax.monitoring
+
+    spent = []
+
+    def listener(event, duration, **_):
+        if event in JAX_COMPILE_EVENTS:
+            spent.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        t0 = time.perf_counter()
+        out = call(step)
+        seconds = time.perf_counter() - t0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, seconds, sum(spent)
+
+
 def _time_calls(call, first_step: int, warmup: int, repeats: int):
-    """compile_s (first call), then warmup, then timed repeats; returns (compile_s, times, last, last_step)."""
-    t0 = time.perf_counter()
-    out = call(first_step)
-    compile_s = time.perf_counter() - t0
+    """First call, then warmup, then timed repeats.
+
+    Returns `(compile_s, times, last, last_step, jax_compile_s)`: the first call's seconds and
+    the JAX compile seconds inside it (see `_first_call`).
+    """
+    out, compile_s, jax_compile_s = _first_call(call, first_step)
     step = first_step
     for _ in range(warmup):
         step += 1
@@ -198,7 +241,7 @@ def _time_calls(call, first_step: int, warmup: int, repeats: int):
         t0 = time.perf_counter()
         out = call(step)
         times.append(time.perf_counter() - t0)
-    return compile_s, times, out, step
+    return compile_s, times, out, step, jax_compile_s
 
 
 def _task(model, task_name: str | None) -> str:
@@ -275,7 +318,7 @@ def benchmark_uma_eqx(
                     atoms.get_stress()
                 return energy
 
-            compile_s, times, energy, last_step = _time_calls(call, 0, warmup, repeats)
+            compile_s, times, energy, last_step, jax_compile_s = _time_calls(call, 0, warmup, repeats)
             timed_model = calc._merged_model if merged else model
         else:
             state = {}
@@ -287,7 +330,7 @@ def benchmark_uma_eqx(
                 jax.block_until_ready(out)
                 return float(out["energy"][0])
 
-            compile_s, times, energy, _ = _time_calls(call, 0, warmup, repeats)
+            compile_s, times, energy, _, jax_compile_s = _time_calls(call, 0, warmup, repeats)
             last_step = None
             timed_model = state["model"]
         row = {
@@ -300,6 +343,7 @@ def benchmark_uma_eqx(
             "edges": int(graph.num_edges),
             "systems": 1,
             "compile_s": compile_s,
+        "jax_compile_s": jax_compile_s,
             "best_s": min(times),
             "median_s": statistics.median(times),
             "times_s": times,
@@ -343,7 +387,7 @@ def benchmark_uma_eqx_batch(
         jax.block_until_ready(out)
         return [float(e) for e in out["energy"][: len(systems)]]
 
-    compile_s, times, energy, _ = _time_calls(call, 0, warmup, repeats)
+    compile_s, times, energy, _, jax_compile_s = _time_calls(call, 0, warmup, repeats)
     return {
         "impl": "uma_eqx",
         "variant": f"batch of {len(systems)} unmerged" + (" +stress" if stress else ""),
@@ -354,6 +398,7 @@ def benchmark_uma_eqx_batch(
         "edges": int(np.asarray(graph.edge_mask).sum()),
         "systems": len(systems),
         "compile_s": compile_s,
+        "jax_compile_s": jax_compile_s,
         "best_s": min(times),
         "median_s": statistics.median(times),
         "times_s": times,
@@ -387,6 +432,12 @@ def _fmt_time(seconds) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def _fmt_compile(row: dict) -> str:
+    """The first call, and the JAX compile time inside it when measured."""
+    first, jax_compile = _fmt_time(row["compile_s"]), row.get("jax_compile_s")
+    return first if jax_compile is None else f"{first} ({_fmt_time(jax_compile)})"
+
+
 def format_table(rows: Sequence[dict], *, peak_flops: float | None = None) -> str:
     """A markdown table of benchmark rows (time per call, throughput, FLOP/s, memory).
 
@@ -394,7 +445,7 @@ def format_table(rows: Sequence[dict], *, peak_flops: float | None = None) -> st
     fraction of it; a row's own `peak_flops` (measured in the run that produced the row, when
     rows of several runs are merged) takes precedence.
     """
-    head = ["implementation", "variant", "atoms", "edges", "compile", "best", "median", "µs/atom", "GFLOP/s"]
+    head = ["implementation", "variant", "atoms", "edges", "first call (JAX compile)", "best", "median", "µs/atom", "GFLOP/s"]
     if peak_flops:
         head.append("% of matmul peak")
     head.append("peak RSS (MiB)")
@@ -413,7 +464,7 @@ def format_table(rows: Sequence[dict], *, peak_flops: float | None = None) -> st
             r["variant"],
             str(r["atoms"]),
             str(r.get("edges", "")),
-            _fmt_time(r["compile_s"]),
+            _fmt_compile(r),
             _fmt_time(r["best_s"]),
             _fmt_time(r["median_s"]),
             f"{r['best_s'] / r['atoms'] * 1e6:.0f}",

@@ -101,13 +101,28 @@ class RadialMLP(eqx.Module):
     def factored(
         self, source_embedding: Float[Array, "elements channels"], target_embedding: Float[Array, "elements channels"]
     ) -> "FactoredRadialMLP":
-        """This MLP on [`uma_eqx.nn.EdgeScalars`][] (its input's element columns folded into tables)."""
+        """This MLP on [`uma_eqx.nn.EdgeScalars`][], its input's element columns folded into tables.
+
+        **Arguments:**
+
+        - `source_embedding`, `target_embedding`: `(elements, channels)` per-element embeddings
+          whose rows make the last `2 channels` input features (as in the backbone).
+
+        **Returns:**
+
+        A [`uma_eqx.nn.FactoredRadialMLP`][] computing the same function of the edge scalars.
+        """
         first = self.linears[0]
         c = source_embedding.shape[-1]
         num_basis = first.weight.shape[-1] - 2 * c
+        if num_basis < 0 or target_embedding.shape[-1] != c:
+            raise ValueError(
+                f"RadialMLP.factored: embeddings of widths {c} and {target_embedding.shape[-1]} do not fit a first "
+                f"linear with {first.weight.shape[-1]} inputs; pass the backbone's source and target embeddings"
+            )
         source_table = source_embedding @ first.weight[:, num_basis : num_basis + c].T
         target_table = target_embedding @ first.weight[:, num_basis + c :].T
-        return FactoredRadialMLP(self, source_table, target_table)
+        return FactoredRadialMLP(self, source_table, target_table, num_basis)
 
 
 class EdgeScalars(eqx.Module):
@@ -144,15 +159,21 @@ class FactoredRadialMLP(eqx.Module):
     - `mlp`: the radial MLP.
     - `source_table`, `target_table`: `(elements, hidden)` first-linear outputs of each element's
       embedding (no bias).
+    - `num_basis`: width of the radial basis (the first linear's other inputs).
     """
 
     mlp: RadialMLP
     source_table: Float[Array, "elements hidden"]
     target_table: Float[Array, "elements hidden"]
+    num_basis: int = eqx.field(static=True)
 
     def __call__(self, x: EdgeScalars) -> Float[Array, "*edges out"]:
         first = self.mlp.linears[0]
-        num_basis = x.basis.shape[-1]
+        num_basis = self.num_basis
+        if x.basis.shape[-1] != num_basis:
+            raise ValueError(
+                f"FactoredRadialMLP: the edge basis has {x.basis.shape[-1]} functions, this MLP takes {num_basis}"
+            )
         h = Linear.apply(first.weight[:, :num_basis], first.bias, x.basis)
         h = h + self.source_table[x.source_element] + self.target_table[x.target_element]
         return self.mlp.after_first_linear(h)
@@ -161,7 +182,19 @@ class FactoredRadialMLP(eqx.Module):
 def factor_radial_mlps(
     tree, source_embedding: Float[Array, "elements channels"], target_embedding: Float[Array, "elements channels"]
 ):
-    """`tree` with every [`uma_eqx.nn.RadialMLP`][] replaced by its `factored` form (per call, inside jit)."""
+    """`tree` with every [`uma_eqx.nn.RadialMLP`][] replaced by its `factored` form.
+
+    The backbone calls this once per call, inside jit, so the tables follow the weights.
+
+    **Arguments:**
+
+    - `tree`: any pytree of modules (e.g. the backbone's blocks).
+    - `source_embedding`, `target_embedding`: see [`uma_eqx.nn.RadialMLP.factored`][].
+
+    **Returns:**
+
+    `tree` with its radial MLPs factored; other leaves unchanged.
+    """
     is_mlp = lambda m: isinstance(m, RadialMLP)  # noqa: E731
     return jax.tree.map(
         lambda m: m.factored(source_embedding, target_embedding) if is_mlp(m) else m, tree, is_leaf=is_mlp
