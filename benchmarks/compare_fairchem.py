@@ -16,8 +16,9 @@ Weights: a full-size uma-s-1p1 architecture (sphere/hidden/edge 128, lmax 2, mma
 64 distance basis functions, 32 experts, cutoff 6 Å, max_neighbors 300) with random weights,
 written in fairchem's inference-checkpoint format by `tests/fixtures/make_fixtures.py`
 (`benchmarks/.cache/uma_s_1p1_full.pt`), converted once with `uma_eqx.load_fairchem_checkpoint`
-to `benchmarks/.cache/uma_s_1p1_full.eqx`. Without fairchem-core installed, everything
-fairchem-side is skipped and uma_eqx runs a randomly initialised model of the same size.
+to `benchmarks/.cache/uma_s_1p1_full.eqx`. Without fairchem-core installed (or with
+`--no-fairchem`), everything fairchem-side is skipped and uma_eqx runs that converted model if an
+earlier run left it in the cache, else a randomly initialised model of the same size.
 """
 
 from __future__ import annotations
@@ -378,6 +379,11 @@ def prepare_weights(args, fairchem: bool) -> dict:
         elif (CACHE / "convert.json").exists():
             info.update(json.loads((CACHE / "convert.json").read_text()))
         info.update(pt=str(pt), eqx=str(eqx), pt_mib=pt.stat().st_size / 2**20, eqx_mib=eqx.stat().st_size / 2**20)
+    elif (CACHE / FULL_EQX).exists():
+        # uma_eqx only, on the converted fairchem weights of an earlier run: rows merged with
+        # `--update` then share the weights of the fairchem rows (timings do not depend on them)
+        eqx = CACHE / FULL_EQX
+        info.update(pt=None, eqx=str(eqx), eqx_mib=eqx.stat().st_size / 2**20)
     else:
         eqx = CACHE / RANDOM_EQX
         if not eqx.exists():
@@ -935,8 +941,8 @@ def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
     whichever ran at a bad moment. Rows are matched by their job label (`job`). Timed calls
     of all rounds are pooled: `best_s` and `median_s` are over all of them; `compile_s` is the
     median first call (`jax_compile_s` the median JAX compile time in it), `peak_rss_mib` the
-    largest; `times_s` keeps every call and `round_best_s` each round's best. A measurement that failed in any round is reported by
-    its error.
+    largest; `times_s` keeps every call and `round_best_s` each round's best. A measurement
+    that failed in any round is reported by its error.
     """
     if len(rounds) == 1:
         return rounds[0]

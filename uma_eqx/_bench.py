@@ -6,8 +6,8 @@ be reproduced exactly: every row records the energy of its last timed call and t
 
 Timing protocol per size: the first call is reported as `compile_s` (tracing + XLA compile,
 plus the MoLE merge when `merged`, plus one run) with `jax_compile_s`, the part of it that JAX
-reports as tracing, lowering and compiling (see `_first_call`), then `warmup` untimed calls, then `repeats` timed calls
-whose best and median are reported. Results are blocked on (`jax.block_until_ready`) before
+reports as tracing, lowering and compiling (see `_first_call`); then `warmup` untimed calls,
+then `repeats` timed calls whose best and median are reported. Results are blocked on (`jax.block_until_ready`) before
 the clock stops. Peak RSS is the process's `ru_maxrss` so far (it only grows), so run one
 size per process when memory matters (as `benchmarks/compare_fairchem.py` does).
 """
@@ -201,12 +201,11 @@ def _first_call(call, step: int):
     during the call (`None` in a process that has not imported jax, e.g. a fairchem worker):
     the compile part of a first call, without the run and the host work around it.
     """
-    jax = sys.modules.get("jax")
-    if jax is None:
+    if "jax" not in sys.modules:
         t0 = time.perf_counter()
         out = call(step)
         return out, time.perf_counter() - t0, None
-    import jax.monitoring
+    from jax import monitoring
 
     spent = []
 
@@ -214,13 +213,13 @@ def _first_call(call, step: int):
         if event in JAX_COMPILE_EVENTS:
             spent.append(duration)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    monitoring.register_event_duration_secs_listener(listener)
     try:
         t0 = time.perf_counter()
         out = call(step)
         seconds = time.perf_counter() - t0
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        monitoring.unregister_event_duration_listener(listener)
     return out, seconds, sum(spent)
 
 
@@ -343,7 +342,7 @@ def benchmark_uma_eqx(
             "edges": int(graph.num_edges),
             "systems": 1,
             "compile_s": compile_s,
-        "jax_compile_s": jax_compile_s,
+            "jax_compile_s": jax_compile_s,
             "best_s": min(times),
             "median_s": statistics.median(times),
             "times_s": times,
@@ -445,7 +444,8 @@ def format_table(rows: Sequence[dict], *, peak_flops: float | None = None) -> st
     fraction of it; a row's own `peak_flops` (measured in the run that produced the row, when
     rows of several runs are merged) takes precedence.
     """
-    head = ["implementation", "variant", "atoms", "edges", "first call (JAX compile)", "best", "median", "µs/atom", "GFLOP/s"]
+    head = ["implementation", "variant", "atoms", "edges", "first call (JAX compile)", "best", "median"]
+    head += ["µs/atom", "GFLOP/s"]
     if peak_flops:
         head.append("% of matmul peak")
     head.append("peak RSS (MiB)")
