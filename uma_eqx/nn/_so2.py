@@ -23,6 +23,10 @@ class SO2Convolution(eqx.Module):
     With a radial MLP, the flattened inputs of each `m` are multiplied by its slice of
     `rad(x_edge)` first (`x_edge`: the concatenated edge features, or [`uma_eqx.nn.EdgeScalars`][]
     once `rad` is factored).
+
+    `gauss_form` is `False` for the checkpoint layout of the `fc_m` weights and `True` for the
+    copy made by [`uma_eqx.nn.SO2Convolution.with_gauss_weights`][], which the model builds once
+    per call.
     """
 
     fc_m0: Linear | MoLELinear
