@@ -40,15 +40,8 @@ class Linear(eqx.Module):
         self.bias = jax.random.uniform(bkey, (out_features,), dtype, -bound, bound) if use_bias else None
 
     def __call__(self, x: Float[Array, "*rows in"], routing: MoLERouting | None = None) -> Float[Array, "*rows out"]:
-        return self.apply(self.weight, self.bias, x)
-
-    @staticmethod
-    def apply(
-        weight: Float[Array, "out in"], bias: Float[Array, " out"] | None, x: Float[Array, "*rows in"]
-    ) -> Float[Array, "*rows out"]:
-        """`x W^T + b` for a given weight and bias (e.g. a column block of a linear's weight)."""
-        y = x @ weight.T
-        return y if bias is None else y + bias
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
 
 
 class MoLELinear(eqx.Module):

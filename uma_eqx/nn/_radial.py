@@ -122,7 +122,8 @@ class RadialMLP(eqx.Module):
             )
         source_table = source_embedding @ first.weight[:, num_basis : num_basis + c].T
         target_table = target_embedding @ first.weight[:, num_basis + c :].T
-        return FactoredRadialMLP(self, source_table, target_table, num_basis)
+        basis_linear = eqx.tree_at(lambda lin: lin.weight, first, first.weight[:, :num_basis])
+        return FactoredRadialMLP(self, basis_linear, source_table, target_table)
 
 
 class EdgeScalars(eqx.Module):
@@ -157,24 +158,23 @@ class FactoredRadialMLP(eqx.Module):
     **Attributes:**
 
     - `mlp`: the radial MLP.
+    - `basis_linear`: the first linear's basis columns, with its bias.
     - `source_table`, `target_table`: `(elements, hidden)` first-linear outputs of each element's
       embedding (no bias).
-    - `num_basis`: width of the radial basis (the first linear's other inputs).
     """
 
     mlp: RadialMLP
+    basis_linear: Linear
     source_table: Float[Array, "elements hidden"]
     target_table: Float[Array, "elements hidden"]
-    num_basis: int = eqx.field(static=True)
 
     def __call__(self, x: EdgeScalars) -> Float[Array, "*edges out"]:
-        first = self.mlp.linears[0]
-        num_basis = self.num_basis
+        num_basis = self.basis_linear.weight.shape[-1]
         if x.basis.shape[-1] != num_basis:
             raise ValueError(
                 f"FactoredRadialMLP: the edge basis has {x.basis.shape[-1]} functions, this MLP takes {num_basis}"
             )
-        h = Linear.apply(first.weight[:, :num_basis], first.bias, x.basis)
+        h = self.basis_linear(x.basis)
         h = h + self.source_table[x.source_element] + self.target_table[x.target_element]
         return self.mlp.after_first_linear(h)
 
