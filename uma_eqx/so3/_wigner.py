@@ -95,7 +95,13 @@ def real_spherical_harmonics(l: int, vec: Float[Array, "*batch 3"]) -> Float[Arr
     `Y_l(vec)`, shape `(*batch, 2l+1)`.
     """
     exps, coeffs = _sh_coefficients(l)
-    mono = jnp.prod(vec[..., None, :] ** jnp.asarray(exps, dtype=vec.dtype), axis=-1)
+    # Each monomial as a product of static integer powers (multiplications only): `vec ** exps`
+    # with an exponent array lowers to a general `pow` (exp/log) per entry, in value and gradient.
+    powers = [[jnp.ones_like(vec[..., a])] for a in range(3)]
+    for a in range(3):
+        for _ in range(int(exps[:, a].max(initial=0))):
+            powers[a].append(powers[a][-1] * vec[..., a])
+    mono = jnp.stack([powers[0][i] * powers[1][j] * powers[2][k] for i, j, k in exps], axis=-1)
     return mono @ jnp.asarray(coeffs.T, dtype=vec.dtype)
 
 
