@@ -1,10 +1,14 @@
 """Shared test configuration: float64 enabled, fixture paths, tolerance table."""
 
+import os
 import pathlib
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
+# `uma-eqx` commands run in-process here would otherwise switch on the on-disk compilation
+# cache for the whole test process (tests/test_compile_cache.py tests it in child processes).
+os.environ["UMA_EQX_COMPILE_CACHE"] = "0"
 
 import pytest  # noqa: E402
 

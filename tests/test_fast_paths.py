@@ -169,20 +169,27 @@ def test_system_aligned_chunks_match_the_plain_multi_system_mole():
         assert rel_err(np.asarray(skipped)[real], np.asarray(plain)[real]) < TOL
 
 
-def test_edges_not_grouped_by_system_are_refused():
-    # the MoLE layers take each system's edges as one contiguous group: a graph whose edges
-    # interleave systems would give wrong energies, so the backbone refuses it
+def test_edges_in_any_order_give_the_same_result():
+    # The MoLE layers take each system's edges as one group of chunks; a graph whose edges
+    # interleave the systems (here: shuffled, padding edges included) is grouped inside the
+    # model. Oracle: the same graph with its edges in `from_atoms`' order.
     graph = _graph()
-    real = int(graph.edge_mask.sum())
-    assert np.asarray(graph.edge_mask)[:real].all()  # padding edges come last
-    order = np.concatenate([np.arange(real)[::-1], np.arange(real, graph.edge_mask.shape[0])])
+    assert int(graph.system_mask.sum()) >= 2
+    order = np.random.default_rng(0).permutation(graph.edge_mask.shape[0])
     shuffled = eqx.tree_at(
         lambda g: (g.edge_index, g.edge_shift, g.edge_mask),
         graph,
         (graph.edge_index[:, order], graph.edge_shift[order], graph.edge_mask[order]),
     )
-    with pytest.raises(Exception, match="not grouped by system"):
-        jax.block_until_ready(_efs(_model(), shuffled))
+    edge_system = np.asarray(shuffled.system_index)[np.asarray(shuffled.edge_index[1])]
+    assert (np.diff(edge_system) < 0).any()  # the systems' edges really are interleaved
+    model = _model()
+    expected, got = _efs(model, graph), _efs(model, shuffled)
+    for key in ("energy", "forces", "stress"):
+        assert rel_err(np.asarray(got[key]), np.asarray(expected[key])) < TOL, key
+
+
+def test_config_elements_are_validated():
     model = _model()
     for bad in ((0,), (29, 29), (29, 200)):
         with pytest.raises(ValueError, match="UMAConfig.elements"):

@@ -1,6 +1,11 @@
 """uma_eqx: Meta's UMA interatomic potentials in Equinox."""
 
 from ._backbone import UMABackbone as UMABackbone
+from ._cache import (
+    default_cache_dir as default_cache_dir,
+    enable_compilation_cache as enable_compilation_cache,
+    host_fingerprint as host_fingerprint,
+)
 from ._block import UMABlock as UMABlock
 from ._config import UMAConfig as UMAConfig
 from ._graph import (

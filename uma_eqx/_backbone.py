@@ -229,14 +229,10 @@ class UMABackbone(eqx.Module):
         routing = None
         if self.router is not None:
             coefficients = self.router(graph, csd) if expert_coefficients is None else expert_coefficients
+            # each system's edges, in whatever order they come, are gathered into chunks of their
+            # own (`_block._split_edges`); no host callback here, so the compiled program can be
+            # kept in the on-disk cache (`enable_compilation_cache`)
             edge_system = graph.system_index[graph.edge_index[1]]
-            # the MoLE layers take each system's edges as one contiguous group (as fairchem does)
-            coefficients = eqx.error_if(
-                coefficients,
-                jnp.any(edge_system[1:] < edge_system[:-1]),
-                "the graph's edges are not grouped by system (targets must be sorted by system): build "
-                "the graph with AtomicGraph.from_atoms, or sort the edges by target atom",
-            )
             group_sizes = jax.ops.segment_sum(jnp.ones_like(edge_system), edge_system, num_segments=num_systems)
             routing = MoLERouting(coefficients, group_sizes, graph.system_mask)
 

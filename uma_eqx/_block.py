@@ -95,9 +95,11 @@ def _split_edges(
 ) -> tuple[EdgeFrame, Int[Array, " chunks"]]:
     """`frame` laid out as `(chunks, chunk, ...)` so that no chunk mixes two groups.
 
-    The edges come in contiguous groups (e.g. systems) of `counts` edges each (`None`: one
-    group of all edges). Each group starts a new chunk; slots left over are null edges (zero
-    rotations and radial features, hence zero messages and zero gradients).
+    The groups are the systems (`frame.system`), of `counts` edges each (`None`: one group of
+    all edges); the edges may come in any order (a stable sort by system groups them, which is
+    the identity for graphs built by `AtomicGraph.from_atoms`). Each group starts a new chunk;
+    slots left over are null edges (zero rotations and radial features, hence zero messages and
+    zero gradients).
 
     **Returns:**
 
@@ -118,6 +120,8 @@ def _split_edges(
     k = slot - (chunks_end - group_chunks)[slot_group] * chunk
     valid = (chunk_group[slot // chunk] < num_groups) & (k < counts[slot_group])
     edge = jnp.where(valid, (jnp.cumsum(counts) - counts)[slot_group] + k, 0)
+    if num_groups > 1:
+        edge = jnp.argsort(frame.system, stable=True)[edge]
 
     def place(a):
         a = a[edge]

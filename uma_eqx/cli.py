@@ -62,8 +62,17 @@ def _read_structures(paths):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option(
+    "--compile-cache/--no-compile-cache",
+    default=True,
+    show_default=True,
+    envvar="UMA_EQX_COMPILE_CACHE",
+    show_envvar=True,
+    help="Keep compiled programs on disk ($UMA_EQX_CACHE_DIR, default ~/.cache/uma_eqx/xla) so later runs skip "
+    "compiling. `bench` never uses it (its first call measures compilation).",
+)
 @click.pass_context
-def main(ctx, debug):
+def main(ctx, debug, compile_cache):
     """UMA interatomic potentials in Equinox (JAX).
 
     \b
@@ -80,6 +89,17 @@ def main(ctx, debug):
     Every error is one line with exit code 2; add --debug for the traceback.
     """
     ctx.obj = {"debug": debug}
+    if compile_cache and ctx.invoked_subcommand != "bench":
+        import jax
+
+        from ._cache import enable_compilation_cache
+
+        enable_compilation_cache()
+        if not debug:
+            # jax 0.10's CPU loader logs two error lines for every cached program it loads on
+            # Intel CPUs with AVX-512 (tuning hints taken for missing features, openxla/xla#44565);
+            # harmless here, since the cache directory is per CPU (`host_fingerprint`).
+            jax.config.update("jax_logging_level", "CRITICAL")
 
 
 def _task_for(model, task, atoms, where):
