@@ -16,9 +16,10 @@ def host_fingerprint() -> str:
     """`<machine>-<12 hex digits>`: the architecture and a hash of the CPU's model and feature flags.
 
     Compiled CPU programs use the instruction-set extensions of the CPU that compiled them, and
-    XLA's loader only logs an error (it does not refuse) when they are missing, so one cache
-    directory must never serve two kinds of CPU (a home directory shared by the nodes of a
-    cluster, say): [`uma_eqx.default_cache_dir`][] has one subdirectory per fingerprint.
+    XLA's loader (jax 0.10) only logs an error when the loading CPU's features differ, then runs
+    the program anyway, so one cache directory must never serve two kinds of CPU (a home
+    directory shared by the nodes of a cluster, say): [`uma_eqx.default_cache_dir`][] has one
+    subdirectory per fingerprint.
     """
     description = platform.processor()
     try:
