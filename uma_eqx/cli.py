@@ -68,8 +68,8 @@ def _read_structures(paths):
     show_default=True,
     envvar="UMA_EQX_COMPILE_CACHE",
     show_envvar=True,
-    help="Keep compiled programs on disk ($UMA_EQX_CACHE_DIR, default ~/.cache/uma_eqx/xla) so later runs skip "
-    "compiling. `bench` never uses it (its first call measures compilation).",
+    help="Keep compiled programs on disk ($UMA_EQX_CACHE_DIR, default ~/.cache/uma_eqx/xla/<CPU fingerprint>) so "
+    "later runs skip compiling. `bench` never uses it (its first call measures compilation).",
 )
 @click.pass_context
 def main(ctx, debug, compile_cache):
