@@ -42,11 +42,10 @@ CHILD = textwrap.dedent(
 )
 
 
-def _child(arg: str, script: str = CHILD, *more_args: str, env_update: dict | None = None):
-    """Run `script` in a fresh Python process; returns the JSON of its last output line."""
+def _child(*args: str, script: str = CHILD, env_update: dict | None = None):
+    """Run `script` with `args` in a fresh Python process; returns the JSON of its last output line."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_update or {}))
-    cmd = [sys.executable, "-c", script, arg, *more_args]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -112,5 +111,5 @@ CLI_CHILD = textwrap.dedent(
     ],
 )
 def test_cli_switches_the_cache_on_by_default(tmp_path, args, env, enabled):
-    got = _child(args[0], CLI_CHILD, *args[1:], env_update=dict(env, UMA_EQX_CACHE_DIR=str(tmp_path / "c")))
+    got = _child(*args, script=CLI_CHILD, env_update=dict(env, UMA_EQX_CACHE_DIR=str(tmp_path / "c")))
     assert got == (str(tmp_path / "c") if enabled else None)
