@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from .._io import file_kind
+
 
 class _Stub:
     """Stand-in for an allowlisted class: records its pickled state, runs no code."""
@@ -95,7 +97,7 @@ def _state_dict(sd: Any, name: str, path: str) -> dict[str, np.ndarray]:
     for key, value in sd.items():
         if not hasattr(value, "detach"):
             raise ValueError(f"{path}: {name}[{key!r}] is a {type(value).__name__}, expected a tensor")
-        key = key[len("module.") :] if key.startswith("module.") else key
+        key = key.removeprefix("module.")
         out[key] = value.detach().cpu().numpy()
     return out
 
@@ -118,12 +120,31 @@ def load_pytorch_checkpoint(path: str | os.PathLike) -> FairchemCheckpoint:
 
     **Raises:**
 
-    `FileNotFoundError` for a missing file, `ValueError` for a file that is not a fairchem
-    inference checkpoint (foreign, truncated, corrupt, or referencing other Python objects).
+    `FileNotFoundError` for a missing file; `ValueError` naming the path for a file that is not
+    a fairchem inference checkpoint: a uma_eqx `.eqx` model (read it with [`uma_eqx.load`][]),
+    another format (told by its first bytes, not its name), or a truncated, corrupt or foreign
+    checkpoint (one referencing other Python objects).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a directory; give the .pt file inside it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    kind, what = file_kind(path)  # by content, before importing torch: a .eqx needs no torch
+    if kind in ("uma_eqx", "truncated_uma_eqx"):
+        raise ValueError(f"{path!r} is {what}, not a PyTorch checkpoint: read it with uma_eqx.load({path!r})")
+    if kind == "pickle":
+        raise ValueError(
+            f"{path!r} is {what}; uma_eqx reads only the zip format torch.save writes since PyTorch 1.6 (as "
+            "fairchem's checkpoints are): re-save it with torch.save, or download the checkpoint again"
+        )
+    if kind == "torch" and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path!r} is {what} (its zip directory is missing): download or copy it again")
+    if kind != "torch":
+        raise ValueError(
+            f"{path!r} is not a PyTorch zip checkpoint but {what}; "
+            "expected a fairchem inference checkpoint such as uma-s-1p1.pt (download or copy it again)"
+        )
     try:
         import torch
         import torch.serialization as ts
@@ -131,11 +152,6 @@ def load_pytorch_checkpoint(path: str | os.PathLike) -> FairchemCheckpoint:
         raise ImportError(
             "reading a PyTorch checkpoint needs torch: pip install 'uma_eqx[convert]' (torch==2.13.0)"
         ) from e
-    if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{path!r} is not a PyTorch zip checkpoint (truncated, corrupt, or another format); "
-            "expected a fairchem inference checkpoint such as uma-s-1p1.pt"
-        )
     allow = [(cls, name) for name, cls in _ALLOWLIST_NAMES.items()]
     allow += [(typing.Any, "typing.Any"), int, list, dict]
     import collections
