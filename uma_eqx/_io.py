@@ -219,21 +219,26 @@ def _read_header(f, path: str) -> dict:
         raise _corrupt(path, f"not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, f"a JSON {type(header).__name__}, not an object")
-    missing = [k for k in _HEADER_KEYS if k not in header]
-    if missing:
-        raise _corrupt(path, f"missing {missing}")
-    version = header["format_version"]
-    if header["format"] != "uma_eqx" or isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise _corrupt(path, f"format={header['format']!r}, format_version={version!r}")
-    if version > FORMAT_VERSION:
+    version = header.get("format_version")
+    valid_version = isinstance(version, int) and not isinstance(version, bool) and version >= 1
+    if valid_version and version > FORMAT_VERSION:  # checked first: a newer layout may have other keys
         raise ValueError(
             f"{path!r} has format version {version}, newer than this uma_eqx reads (up to {FORMAT_VERSION}): "
             "upgrade uma_eqx (pip install -U uma_eqx)"
         )
+    missing = [k for k in _HEADER_KEYS if k not in header]
+    if missing:
+        raise _corrupt(path, f"missing {missing}")
+    if header["format"] != "uma_eqx" or not valid_version:
+        raise _corrupt(path, f"format={header['format']!r}, format_version={version!r}")
     for key in ("dtype", "references_dtype"):
-        value = header.get(key, "float32")
-        if value not in ("float32", "float64"):
-            raise _corrupt(path, f"{key}={value!r} (expected float32 or float64)")
+        value = header.get(key, header["dtype"])
+        try:
+            floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        except TypeError:  # not a dtype name at all
+            floating = False
+        if not floating:
+            raise _corrupt(path, f"{key}={value!r} is not a floating-point dtype")
     if not isinstance(header["config"], dict):
         raise _corrupt(path, f"config is a JSON {type(header['config']).__name__}, not an object")
     return header
