@@ -42,7 +42,9 @@ def test_remerges_when_composition_changes(model64):
     for atoms in (cu, alloy, cu):
         e = calc.get_potential_energy(atoms.copy())
         assert abs(e - plain.get_potential_energy(atoms.copy())) < 1e-9 * abs(e)
-    assert calc._merged_key[0][79] == 0.0  # last call was Cu again: re-merged back
+    # last call was Cu again: re-merged back (the same merged model as for the first Cu call's key)
+    assert calc.model_for(cu) is calc.model_for(cu.copy())
+    assert calc.model_for(alloy) is not calc.model_for(cu)
 
 
 def test_single_atom_rules():
@@ -98,3 +100,71 @@ def test_float32_calculator_runs_md_steps():
     e0 = atoms.get_total_energy()
     VelocityVerlet(atoms, 0.5 * units.fs).run(5)
     assert np.isfinite(atoms.get_total_energy()) and abs(atoms.get_total_energy() - e0) < 1e-2
+
+
+@pytest.mark.parametrize("key", ["charge", "spin"])
+def test_changing_info_invalidates_results(model64, key):
+    # fairchem oracle: the h2o_cation case (charge 1, spin 2); the same Atoms first evaluated
+    # with other charge/spin must not keep its first energy when only atoms.info changes
+    ref = reference("uma_s_1p1")
+    case = next(c for c in ref["cases"] if c["name"] == "h2o_cation")
+    atoms = case_atoms(case)
+    atoms.calc = UMACalculator(model64, task_name="omol")
+    first = {"charge": 1, "spin": 2}
+    first[key] = {"charge": 0, "spin": 1}[key]
+    atoms.info.update(first)
+    e_other = atoms.get_potential_energy()
+    atoms.info[key] = case[key]  # now exactly the fairchem case
+    e = atoms.get_potential_energy()
+    assert e != e_other
+    assert rel_err(e, case["float64"]["energy"]) < TOL_F64
+    assert rel_err(atoms.get_forces(), case["float64"]["forces"]) < TOL_F64
+    # a second Atoms with the same geometry and other charge/spin, same calculator
+    other = atoms.copy()
+    other.info.update(first)
+    other.calc = atoms.calc
+    assert other.get_potential_energy() == e_other
+    # an unrelated info key does not trigger a new calculation
+    atoms.calc.results["energy"] = 123.0
+    other.info["comment"] = "no effect"
+    assert atoms.calc.check_state(other) == []
+
+
+def test_omol_defaults_warn_once(model64):
+    calc = UMACalculator(model64, task_name="omol")
+    water = molecule("H2O")
+    with pytest.warns(UserWarning, match="charge=0, spin=1"):
+        calc.get_potential_energy(water)
+    moved = water.copy()
+    moved.positions[0, 0] += 0.01
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calc.get_potential_energy(moved)  # once per calculator
+        explicit = water.copy()
+        explicit.info.update(charge=0, spin=1)
+        UMACalculator(model64, task_name="omol").get_potential_energy(explicit)  # nothing missing
+        UMACalculator(model64, task_name="omat").get_potential_energy(bulk("Cu", "fcc", a=3.6))  # not omol
+
+
+def test_calculator_shared_by_threads(model64):
+    from concurrent.futures import ThreadPoolExecutor
+
+    calc = UMACalculator(model64, task_name="omat")
+    structures = []
+    for k in range(6):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.05, seed=k)
+        structures.append(atoms)
+    expected = [UMACalculator(model64, task_name="omat").get_forces(a.copy()) for a in structures]
+
+    def work(k):
+        atoms = structures[k % len(structures)].copy()
+        atoms.calc = calc
+        return k % len(structures), atoms.get_forces(), atoms.get_potential_energy()
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(work, range(36)))
+    for k, forces, _ in results:
+        np.testing.assert_allclose(forces, expected[k], rtol=1e-12, atol=1e-12)

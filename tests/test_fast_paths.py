@@ -1,7 +1,7 @@
 """The performance-motivated formulations give the plain results (float64, round-off only).
 
 - `Edgewise` runs the edges in chunks under `jax.checkpoint`; the chunk size (with or without
-  null-edge padding) and how much the backward pass keeps (`EDGE_RESIDUAL_BUDGET`) only change
+  null-edge padding) and how much the backward pass keeps (`ExecutionSettings`) only change
   the summation order.
 - `MoLELinear` uses one merged matmul when all rows belong to one system, and the edgewise
   layer merges the experts once per system (`MoLELinear.merge_per_system`).
@@ -28,9 +28,9 @@ from uma_eqx.nn._so2 import _complex_product, _gauss_weights, _with_weight
 #: same computation in another summation order (float64)
 TOL = 1e-12
 
-_efs = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})(
-    uma_eqx.energy_forces_stress
-)
+_efs = functools.partial(
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0}, static_argnames=("settings",)
+)(uma_eqx.energy_forces_stress)
 
 
 @functools.cache
@@ -50,8 +50,8 @@ def _graph() -> uma_eqx.AtomicGraph:
     )
 
 
-def _with_chunk_size(model: uma_eqx.UMA, size: int) -> uma_eqx.UMA:
-    return _block.with_edge_chunk_size(model, size)
+def _chunked(size: int | None, **changes) -> uma_eqx.ExecutionSettings:
+    return uma_eqx.ExecutionSettings(edge_chunk_size=size, **changes)
 
 
 def _assert_same(a: dict, b: dict):
@@ -65,19 +65,54 @@ def test_edge_chunks_give_the_unchunked_sum(merged):
     num_edges = graph.edge_index.shape[1]
     if merged:
         model = uma_eqx.merge_experts_for(model, graph)
-    one_chunk = _efs(_with_chunk_size(model, num_edges), graph)
+    # the plain path: one chunk, fairchem's four-product form
+    plain = _efs(model, graph, settings=_chunked(None, gauss_form=False))
+    _assert_same(_efs(model, graph, settings=_chunked(num_edges)), plain)
     # 7 does not divide the edge count: exercises the null-edge padding; chunks straddle systems
     assert num_edges % 7 != 0
     for size in (7, 64):
-        _assert_same(_efs(_with_chunk_size(model, size), graph), one_chunk)
+        _assert_same(_efs(model, graph, settings=_chunked(size)), plain)
 
 
-def test_residual_budget_does_not_change_results(monkeypatch):
-    model, graph = _with_chunk_size(_model(), 64), _graph()
-    keep_all = _efs(model, graph)
-    monkeypatch.setattr(_block, "EDGE_RESIDUAL_BUDGET", 0)  # recompute everything
-    assert model.backbone.blocks[0].edge_wise._saved_names(graph.edge_index.shape[1], jnp.float64) == ()
-    _assert_same(_efs(model, graph), keep_all)
+def test_residual_budget_does_not_change_results():
+    model, graph = _model(), _graph()
+    keep_all = _efs(model, graph, settings=_chunked(64))
+    recompute_all = _chunked(64, residual_budget_bytes=0)
+    assert model.backbone.blocks[0].edge_wise.saved_names(graph.edge_index.shape[1], jnp.float64, 0) == ()
+    _assert_same(_efs(model, graph, settings=recompute_all), keep_all)
+
+
+def test_rotation_pair_equals_plain_rotate():
+    kx, km, kt = jax.random.split(jax.random.key(2), 3)
+    matrix = jax.random.normal(km, (5, 4, 3), jnp.float64)
+    x = jax.random.normal(kx, (5, 3, 2), jnp.float64)
+    rotation = uma_eqx.so3.Rotation.of(matrix)
+    np.testing.assert_allclose(rotation(x), uma_eqx.so3.rotate(matrix, x), rtol=TOL, atol=TOL)
+    # derivatives in both arguments, forward and reverse mode
+    cot = jax.random.normal(kt, (5, 4, 2), jnp.float64)
+
+    def paired(m, x):
+        return jnp.sum(uma_eqx.so3.Rotation.of(m)(x) * cot)
+
+    def plain(m, x):
+        return jnp.sum(uma_eqx.so3.rotate(m, x) * cot)
+
+    for a, b in zip(jax.grad(paired, (0, 1))(matrix, x), jax.grad(plain, (0, 1))(matrix, x)):
+        np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL)
+    tangents = (jnp.ones_like(matrix), jnp.ones_like(x))
+    np.testing.assert_allclose(
+        jax.jvp(paired, (matrix, x), tangents)[1], jax.jvp(plain, (matrix, x), tangents)[1], rtol=TOL, atol=TOL
+    )
+
+
+def test_settings_are_validated():
+    for bad in ({"edge_chunk_size": 0}, {"residual_budget_bytes": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            uma_eqx.ExecutionSettings(**bad)
+    # wrong types: refused by the settings' own check, or first by the test suite's type checker
+    for bad in ({"gauss_form": 1}, {"matmul_precision": "float32"}, {"edge_chunk_size": 2.5}):
+        with pytest.raises((ValueError, TypeError)):
+            uma_eqx.ExecutionSettings(**bad)
 
 
 def _mole_reference(layer: MoLELinear, x, coefficients, row_system):
@@ -130,7 +165,7 @@ def test_chunks_never_mix_systems_and_hold_every_edge_once():
     for size in (7, 64, 10_000):
         counts = jax.ops.segment_sum(jnp.ones_like(frame.system), frame.system, num_segments=num_systems)
         chunks, chunk_system = _block._split_edges(frame, size, counts)
-        real = np.asarray(jnp.abs(chunks.wigner).sum(axis=(2, 3)) > 0)  # null slots have zero rotations
+        real = np.asarray(jnp.abs(chunks.to_edge.matrix).sum(axis=(2, 3)) > 0)  # null slots have zero rotations
         systems = np.asarray(chunks.system)
         for c in range(systems.shape[0]):
             assert set(systems[c][real[c]]) <= {int(chunk_system[c])}
@@ -139,7 +174,7 @@ def test_chunks_never_mix_systems_and_hold_every_edge_once():
                          np.asarray(chunks.x_edge.basis)[real][:, 0]))
         want = sorted(zip(np.asarray(frame.source), np.asarray(frame.target), np.asarray(frame.x_edge.basis)[:, 0]))
         assert got == want
-        assert not np.asarray(chunks.wigner_inv_envelope)[~real].any()
+        assert not np.asarray(chunks.from_edge.matrix)[~real].any()
 
 
 def test_system_aligned_chunks_match_the_plain_multi_system_mole():
@@ -162,10 +197,10 @@ def test_system_aligned_chunks_match_the_plain_multi_system_mole():
     assert not bool(graph.system_mask.all())
     real = np.asarray(graph.atom_mask)
     for size in (7, 64):
-        edge_wise = factor_radial_mlps(_with_chunk_size(model, size).backbone.blocks[0].edge_wise, *tables)
-        chunked = jax.jit(lambda e, x: e(x, frame, routing))(edge_wise, x)
+        settings = _chunked(size)
+        chunked = jax.jit(lambda e, x: e(x, frame, routing, settings))(edge_wise, x)
         assert rel_err(np.asarray(chunked), np.asarray(plain)) < TOL
-        skipped = jax.jit(lambda e, x: e(x, frame, active))(edge_wise, x)
+        skipped = jax.jit(lambda e, x: e(x, frame, active, settings))(edge_wise, x)
         assert rel_err(np.asarray(skipped)[real], np.asarray(plain)[real]) < TOL
 
 

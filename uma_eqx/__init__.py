@@ -13,6 +13,7 @@ from ._graph import (
     PaddingSpec as PaddingSpec,
     bucket_size as bucket_size,
     pad_graph as pad_graph,
+    stack_graphs as stack_graphs,
 )
 from ._heads import (
     LinearEnergyHead as LinearEnergyHead,
@@ -34,6 +35,7 @@ from .nn import (
     SO3Linear as SO3Linear,
 )
 from ._predict import predict as predict
+from ._settings import ExecutionSettings as ExecutionSettings
 from ._io import load as load, read_header as read_header, save as save
 
 

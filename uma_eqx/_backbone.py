@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._block import EdgeFrame, UMABlock, make_norm
-from ._config import UMAConfig
+from ._config import ChargeSpinEmbeddingType, ExpertNorm, UMAConfig
+from ._settings import DEFAULT_SETTINGS, ExecutionSettings
 from ._constants import EDGE_DEGREE_RESCALE, MOLE_SOFTMAX_OFFSET
 from ._graph import AtomicGraph
 from .nn import (
@@ -24,10 +25,11 @@ from .nn import (
     factor_radial_mlps,
     polynomial_envelope,
 )
-from .so3 import coefficient_layout, edge_rotation_matrix, rotate, safe_norm, wigner_d_from_matrix
+from .so3 import Rotation, coefficient_layout, edge_rotation_matrix, safe_norm, wigner_d_from_matrix
 
 
-def _charge_spin_embedding(config: UMAConfig, target: str, dtype, key) -> AbstractChargeSpinEmbedding:
+def make_charge_spin_embedding(config: UMAConfig, target: str, dtype, key) -> AbstractChargeSpinEmbedding:
+    """The charge or spin embedding named by `config.chg_spin_emb_type` (the one dispatch on it)."""
     trainable = config.charge_spin_embedding_trainable
     match config.chg_spin_emb_type:
         case "rand_emb":
@@ -37,7 +39,7 @@ def _charge_spin_embedding(config: UMAConfig, target: str, dtype, key) -> Abstra
         case "lin_emb":
             return LinearChargeSpinEmbedding(target, config.sphere_channels, dtype, trainable, key=key)
         case other:
-            raise ValueError(f"unknown chg_spin_emb_type {other!r}: use rand_emb, pos_emb or lin_emb")
+            raise ValueError(f"unknown chg_spin_emb_type {other!r}: use one of {list(ChargeSpinEmbeddingType.__args__)}")
 
 
 class ExpertRouter(eqx.Module):
@@ -67,6 +69,10 @@ class ExpertRouter(eqx.Module):
             Linear(2 * e, e, dtype=dtype, key=k3),
         )
         self.composition_mean_includes_self = config.composition_mean_includes_self
+        if config.expert_coefficient_norm not in ExpertNorm.__args__:
+            raise ValueError(
+                f"unknown expert_coefficient_norm {config.expert_coefficient_norm!r}: use one of {list(ExpertNorm.__args__)}"
+            )
         self.coefficient_norm = config.expert_coefficient_norm
 
     def __call__(
@@ -121,8 +127,8 @@ class UMABackbone(eqx.Module):
         dtype = jnp.float32 if dtype is None else dtype
         c, ce = config.sphere_channels, config.edge_channels
         self.sphere_embedding = jax.random.normal(keys[0], (config.max_num_elements, c), dtype)
-        self.charge_embedding = _charge_spin_embedding(config, "charge", dtype, keys[1])
-        self.spin_embedding = _charge_spin_embedding(config, "spin", dtype, keys[2])
+        self.charge_embedding = make_charge_spin_embedding(config, "charge", dtype, keys[1])
+        self.spin_embedding = make_charge_spin_embedding(config, "spin", dtype, keys[2])
         if config.dataset_embedding_names is not None:
             rows = tuple(config.datasets.index(name) for name in config.dataset_embedding_names)
             self.dataset_embedding = DatasetEmbedding(
@@ -138,10 +144,10 @@ class UMABackbone(eqx.Module):
         self.edge_degree_rad = RadialMLP(radial, dtype, key=keys[8])
         moe = set(config.moe_layers)
         self.blocks = tuple(
-            UMABlock(config, config.num_experts if i in moe else 0, dtype, key=keys[10 + i])
+            UMABlock.from_config(config, config.num_experts if i in moe else 0, dtype, key=keys[10 + i])
             for i in range(config.num_layers)
         )
-        self.norm = make_norm(config, dtype)
+        self.norm = make_norm(config.norm_type, config.lmax, c, dtype)
         self.config = config
 
     def system_embedding(self, graph: AtomicGraph) -> Float[Array, "systems channels"]:
@@ -184,18 +190,14 @@ class UMABackbone(eqx.Module):
         wigner_full = jax.vmap(wigner_d_from_matrix, in_axes=(0, None))(rot, cfg.lmax)
         rows = coefficient_layout(cfg.lmax, cfg.mmax).m_major_rows
         wigner = wigner_full[:, rows, :]
-        wigner_t = jnp.swapaxes(wigner, 1, 2)  # the inverse rotation (orthogonal), kept for `so3.rotate`
-        wigner_inv_envelope = wigner_t * envelope[:, None, None]
         source, target = graph.edge_index[0], graph.edge_index[1]
         z = graph.atomic_numbers
         basis = jax.vmap(GaussianBasis(cfg.cutoff, cfg.num_distance_basis))(distance)
-        x_edge = EdgeScalars(basis, z[source], z[target])
         frame = EdgeFrame(
-            wigner,
-            wigner_inv_envelope,
-            wigner_t,
-            wigner * envelope[:, None, None],  # `wigner_inv_envelope` transposed
-            x_edge,
+            Rotation.of(wigner),
+            # the inverse rotation (orthogonal: the transpose) times the envelope
+            Rotation.of(jnp.swapaxes(wigner, 1, 2) * envelope[:, None, None]),
+            EdgeScalars(basis, z[source], z[target]),
             source,
             target,
             graph.system_index[target],
@@ -208,6 +210,7 @@ class UMABackbone(eqx.Module):
         roll: Float[Array, ""] | float = 0.0,
         expert_coefficients: Float[Array, "systems experts"] | None = None,
         strain: Float[Array, "systems 3 3"] | None = None,
+        settings: ExecutionSettings = DEFAULT_SETTINGS,
     ) -> Float[Array, "atoms coeffs channels"]:
         """Node features after the final norm.
 
@@ -217,12 +220,14 @@ class UMABackbone(eqx.Module):
         - `roll`: rotation about the edge axis (fairchem draws it at random; default 0).
         - `expert_coefficients`: override the routed MoLE coefficients (default: computed).
         - `strain`: homogeneous deformation of each system's edge vectors (for the stress).
+        - `settings`: how to execute (see [`uma_eqx.ExecutionSettings`][]).
 
         **Returns:**
 
         `(atoms, (lmax+1)**2, sphere_channels)` node features.
         """
         cfg = self.config
+        graph = graph.checked(cfg.max_num_elements, len(cfg.datasets))
         num_atoms = graph.atomic_numbers.shape[0]
         num_systems = graph.charge.shape[0]
         csd = self.system_embedding(graph)
@@ -249,12 +254,12 @@ class UMABackbone(eqx.Module):
         # edge-degree embedding (`nn/embedding.py:EdgeDegreeEmbedding`, rescale 5.0)
         m0 = cfg.lmax + 1
         rad = edge_degree_rad(frame.x_edge).reshape(-1, m0, cfg.sphere_channels)
-        msg = rotate(frame.wigner_inv_envelope[:, :, :m0], frame.wigner_inv_envelope_t[:, :m0], rad)
+        msg = frame.from_edge.columns(m0)(rad)
         x = x + jax.ops.segment_sum(msg, frame.target, num_segments=num_atoms) / EDGE_DEGREE_RESCALE
 
         natoms = jax.ops.segment_sum(graph.atom_mask.astype(dtype), graph.system_index, num_segments=num_systems)
         for block in blocks:
-            x = block(x, atom_csd, frame, routing)
+            x = block(x, atom_csd, frame, routing, settings)
             x = self._balance_channels(x, graph, natoms)
         return self.norm(x)
 

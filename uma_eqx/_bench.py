@@ -135,12 +135,11 @@ def xla_flops(model, graph, *, stress: bool = False) -> float | None:
     import equinox as eqx
     import jax
 
-    from ._block import with_edge_chunk_size
+    from ._settings import ExecutionSettings
 
     try:
-        model = with_edge_chunk_size(model, max(1, int(graph.edge_index.shape[1])))
         dynamic, static = eqx.partition((model, graph), eqx.is_array)
-        efs = _efs_fn(stress)
+        efs = _efs_fn(stress, ExecutionSettings(edge_chunk_size=None))
         lowered = jax.jit(lambda d: efs(*eqx.combine(d, static))).lower(dynamic)
         cost = lowered.compile().cost_analysis()
         if isinstance(cost, (list, tuple)):
@@ -151,11 +150,14 @@ def xla_flops(model, graph, *, stress: bool = False) -> float | None:
         return None
 
 
-def _efs_fn(stress: bool):
+def _efs_fn(stress: bool, settings=None):
     from ._potential import energy_forces_stress
+    from ._settings import DEFAULT_SETTINGS
+
+    settings = DEFAULT_SETTINGS if settings is None else settings
 
     def efs(model, graph):
-        return energy_forces_stress(model, graph, stress=stress)
+        return energy_forces_stress(model, graph, stress=stress, settings=settings)
 
     return efs
 
@@ -163,16 +165,7 @@ def _efs_fn(stress: bool):
 def _graph(atoms, model, task_name: str, *, pad):
     from ._graph import AtomicGraph
 
-    cfg = model.config
-    return AtomicGraph.from_atoms(
-        atoms,
-        cutoff=cfg.cutoff,
-        datasets=cfg.datasets,
-        task_name=task_name,
-        max_neighbors=cfg.max_neighbors,
-        dtype=model.dtype,
-        pad=pad,
-    )
+    return AtomicGraph.for_model(model, atoms, task_name, pad=pad)
 
 
 def merged_model(model, graph):
@@ -318,7 +311,7 @@ def benchmark_uma_eqx(
                 return energy
 
             compile_s, times, energy, last_step, jax_compile_s = _time_calls(call, 0, warmup, repeats)
-            timed_model = calc._merged_model if merged else model
+            timed_model = calc.model_for(rattled(base, last_step, seed=seed))
         else:
             state = {}
 

@@ -1,6 +1,7 @@
 """`UMABlock`: norm -> edgewise SO(2) message passing -> norm -> atomwise feed-forward."""
 
 import abc
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from ._config import UMAConfig
+from ._config import FFType, NormType, UMAConfig
+from ._settings import DEFAULT_SETTINGS, ExecutionSettings
 from .nn import (
     AbstractEquivariantNorm,
     EdgeScalars,
@@ -21,33 +23,34 @@ from .nn import (
     SO3Linear,
     gate_activation,
     gate_activation_blocks,
+    map_mole,
 )
-from .nn._linear import map_mole
-from .so3 import coefficient_layout, rotate
+from .so3 import Rotation, coefficient_layout, s2_grid_matrices
 
-# Edges per chunk of the edgewise message passing. A chunk's widest features,
-# `(chunk, m_coeffs, 2 sphere_channels)` float32 (~4.7 MB for uma-s at 512 edges), stay in
-# cache, and the backward pass recomputes one chunk at a time instead of keeping every
-# layer's edge activations: memory is O(edges) with a small constant, time about the same.
-EDGE_CHUNK_SIZE = 512
-# Bytes per layer of SO(2)-convolution outputs that the backward pass may keep (summed over
-# edges); beyond it they are recomputed chunk by chunk (see `Edgewise`). For uma-s (float32)
-# 512 MiB keeps both convolutions' outputs up to ~500 atoms (40k edges), the first one's up
-# to ~1000 atoms, and recomputes everything beyond, where memory matters more.
-EDGE_RESIDUAL_BUDGET = 2**29
+def make_norm(norm_type: NormType, lmax: int, channels: int, dtype=None) -> AbstractEquivariantNorm:
+    """The equivariant norm named `norm_type` (`nn/layer_norm.py:get_normalization_layer`).
 
+    The one dispatch on `UMAConfig.norm_type`.
 
-def make_norm(config: UMAConfig, dtype=None) -> AbstractEquivariantNorm:
-    """The norm class named by `config.norm_type` (`nn/layer_norm.py:get_normalization_layer`)."""
-    match config.norm_type:
+    **Arguments:**
+
+    - `norm_type`: `"rms_norm_sh"`, `"layer_norm"` or `"layer_norm_sh"`.
+    - `lmax`, `channels`: feature shape `((lmax + 1)**2, channels)`.
+    - `dtype`: parameter dtype.
+
+    **Returns:**
+
+    The norm layer; an unknown name raises `ValueError` listing the known ones.
+    """
+    match norm_type:
         case "rms_norm_sh":
-            return EquivariantRMSNorm(config.lmax, config.sphere_channels, dtype)
+            return EquivariantRMSNorm(lmax, channels, dtype)
         case "layer_norm":
-            return EquivariantLayerNorm(config.lmax, config.sphere_channels, dtype)
+            return EquivariantLayerNorm(lmax, channels, dtype)
         case "layer_norm_sh":
-            return EquivariantLayerNormSH(config.lmax, config.sphere_channels, dtype)
+            return EquivariantLayerNormSH(lmax, channels, dtype)
         case other:
-            raise ValueError(f"unknown norm_type {other!r}: use rms_norm_sh, layer_norm or layer_norm_sh")
+            raise ValueError(f"unknown norm_type {other!r}: use one of {list(NormType.__args__)}")
 
 
 class EdgeFrame(eqx.Module):
@@ -55,19 +58,16 @@ class EdgeFrame(eqx.Module):
 
     **Attributes:**
 
-    - `wigner`: `(edges, m_coeffs, coeffs)` rotation into the edge frame (m-major rows).
-    - `wigner_inv_envelope`: `(edges, coeffs, m_coeffs)` inverse rotation times the envelope.
-    - `wigner_t`, `wigner_inv_envelope_t`: the same two, transposed (for the backward pass of
-      [`uma_eqx.so3.rotate`][]).
+    - `to_edge`: `(edges, m_coeffs, coeffs)` rotation into the edge frame (Wigner-D, m-major
+      rows).
+    - `from_edge`: `(edges, coeffs, m_coeffs)` inverse rotation times the envelope.
     - `x_edge`: the radial MLPs' input (radial basis and the endpoints' elements).
     - `source`, `target`: edge endpoints (edges sorted by `target`).
     - `system`: system of each edge (of its target atom).
     """
 
-    wigner: Float[Array, "edges m_coeffs coeffs"]
-    wigner_inv_envelope: Float[Array, "edges coeffs m_coeffs"]
-    wigner_t: Float[Array, "edges coeffs m_coeffs"]
-    wigner_inv_envelope_t: Float[Array, "edges m_coeffs coeffs"]
+    to_edge: Rotation
+    from_edge: Rotation
     x_edge: EdgeScalars
     source: Int[Array, " edges"]
     target: Int[Array, " edges"]
@@ -138,89 +138,159 @@ class Edgewise(eqx.Module):
     Port of `fairchem.core.models.uma.escn_md_block.Edgewise` (`act_type="gate"`,
     general execution backend). Messages aggregate on the target atom with no degree rescale.
 
-    Edges are processed in chunks of at most `edge_chunk_size` (a `lax.scan` that scatter-adds
-    each chunk's messages: the same sum in a different order). Each chunk's messages are under
-    `jax.checkpoint`: the backward pass keeps only the SO(2)-convolution outputs that fit
-    `EDGE_RESIDUAL_BUDGET` and recomputes the rest of the chunk, so memory stays a small
-    multiple of the edge count. With MoLE routing (unmerged experts) the experts are merged
-    once per system and no chunk mixes two systems (see `_split_edges`), so a batch of
-    different systems costs one matmul per chunk, like a single system.
+    How it runs is set by [`uma_eqx.ExecutionSettings`][]: edges are processed in chunks of
+    at most `edge_chunk_size` (a `lax.scan` that scatter-adds each chunk's messages: the same
+    sum in a different order). Each chunk's messages are under `jax.checkpoint`: the backward
+    pass keeps only the SO(2)-convolution outputs that fit `residual_budget_bytes` and
+    recomputes the rest of the chunk, so memory stays a small multiple of the edge count. With
+    MoLE routing (unmerged experts) the experts are merged once per system and no chunk mixes
+    two systems (see `_split_edges`), so a batch of different systems costs one matmul per
+    chunk, like a single system.
     """
 
     so2_conv_1: SO2Convolution
     so2_conv_2: SO2Convolution
     lmax: int = eqx.field(static=True)
     mmax: int = eqx.field(static=True)
-    edge_chunk_size: int = eqx.field(static=True)
 
-    def __init__(self, config: UMAConfig, num_experts: int, dtype=None, *, key):
+    def __init__(
+        self,
+        sphere_channels: int,
+        hidden_channels: int,
+        lmax: int,
+        mmax: int,
+        radial_channels: Sequence[int],
+        num_experts: int = 0,
+        dtype=None,
+        *,
+        key,
+    ):
+        """**Arguments:**
+
+        - `sphere_channels`: node feature channels (the messages' input is both endpoints',
+          `2 sphere_channels`, and their output `sphere_channels`).
+        - `hidden_channels`: channels between the two SO(2) convolutions.
+        - `lmax`, `mmax`: node degrees and orders kept in the edge frame.
+        - `radial_channels`: widths of the first convolution's radial MLP before its output
+          layer (`[basis + 2 edge_channels, edge_channels, edge_channels]` in UMA).
+        - `num_experts`: MoLE experts of the SO(2) linears (0: plain linears).
+        - `dtype`: parameter dtype.
+        - `key`: PRNG key for the initialisation.
+        """
         k1, k2 = jax.random.split(key)
-        c, h = config.sphere_channels, config.hidden_channels
-        radial = [config.num_distance_basis + 2 * config.edge_channels, config.edge_channels, config.edge_channels]
-        self.so2_conv_1 = SO2Convolution(
-            2 * c, h, config.lmax, config.mmax, radial, config.lmax * h, num_experts, dtype, key=k1
-        )
-        self.so2_conv_2 = SO2Convolution(h, c, config.lmax, config.mmax, None, 0, num_experts, dtype, key=k2)
-        self.lmax, self.mmax = config.lmax, config.mmax
-        self.edge_chunk_size = EDGE_CHUNK_SIZE
+        c, h = sphere_channels, hidden_channels
+        self.so2_conv_1 = SO2Convolution(2 * c, h, lmax, mmax, list(radial_channels), lmax * h, num_experts, dtype, key=k1)
+        self.so2_conv_2 = SO2Convolution(h, c, lmax, mmax, None, 0, num_experts, dtype, key=k2)
+        self.lmax, self.mmax = lmax, mmax
 
     def messages(
-        self, x: Float[Array, "atoms coeffs channels"], frame: EdgeFrame, routing: MoLERouting | None
+        self,
+        x: Float[Array, "atoms coeffs channels"],
+        frame: EdgeFrame,
+        routing: MoLERouting | None = None,
+        gauss_fc_m: tuple[tuple, tuple] | None = None,
     ) -> Float[Array, "edges coeffs channels"]:
-        """The message of each edge of `frame`, rotated back and envelope-weighted."""
+        """The message of each edge of `frame`, rotated back and envelope-weighted.
+
+        **Arguments:**
+
+        - `x`: `(atoms, coeffs, sphere_channels)` node features (after the block's first norm).
+        - `frame`: the edges (all of them, or one chunk).
+        - `routing`: MoLE coefficients when the SO(2) linears are MoLE (else ignored).
+        - `gauss_fc_m`: `(so2_conv_1.gauss_fc_m(), so2_conv_2.gauss_fc_m())` for Gauss's
+          three-product form, `None` for fairchem's four products.
+
+        **Returns:**
+
+        `(edges, coeffs, sphere_channels)` messages.
+        """
+        gauss_1, gauss_2 = (None, None) if gauss_fc_m is None else gauss_fc_m
         pair = jnp.concatenate([x[frame.source], x[frame.target]], axis=-1)
-        msg = rotate(frame.wigner, frame.wigner_t, pair)
+        msg = frame.to_edge(pair)
         # the m blocks stay separate arrays from the first convolution's input to the second's
         # output: no concatenation and re-split around the gate
         blocks = self.so2_conv_1.split_blocks(msg)
-        blocks, gating = checkpoint_name(self.so2_conv_1.apply_blocks(blocks, frame.x_edge, routing), "so2_conv_1")
+        blocks, gating = checkpoint_name(
+            self.so2_conv_1.apply_blocks(blocks, frame.x_edge, routing, gauss_1), "so2_conv_1"
+        )
         blocks = gate_activation_blocks(gating, blocks, coefficient_layout(self.lmax, self.mmax).m_block_degrees)
-        blocks, _ = self.so2_conv_2.apply_blocks(blocks, None, routing)
+        blocks, _ = self.so2_conv_2.apply_blocks(blocks, None, routing, gauss_2)
         msg = checkpoint_name(jnp.concatenate(blocks, axis=1), "so2_conv_2")
-        return rotate(frame.wigner_inv_envelope, frame.wigner_inv_envelope_t, msg)
+        return frame.from_edge(msg)
 
-    def _saved_names(self, num_edges: int, dtype) -> tuple[str, ...]:
-        # SO(2)-convolution outputs kept for the backward pass, cheapest first to drop, within
-        # `EDGE_RESIDUAL_BUDGET`; everything else of a chunk is recomputed.
+    def saved_names(self, num_edges: int, dtype, budget_bytes: int) -> tuple[str, ...]:
+        """SO(2)-convolution outputs the backward pass keeps within `budget_bytes`.
+
+        Cheapest first to drop; everything else of a chunk is recomputed.
+
+        **Arguments:**
+
+        - `num_edges`: edges of the whole graph (all chunks).
+        - `dtype`: feature dtype.
+        - `budget_bytes`: [`uma_eqx.ExecutionSettings`][]`.residual_budget_bytes`.
+
+        **Returns:**
+
+        The `checkpoint_name`s to save: both, the first, or none.
+        """
         rows = coefficient_layout(self.lmax, self.mmax).num_m_coeffs
         conv_1 = rows * self.so2_conv_1.out_channels + self.so2_conv_1.extra_m0_channels
         conv_2 = rows * self.so2_conv_2.out_channels
         per_edge = num_edges * jnp.dtype(dtype).itemsize
-        if (conv_1 + conv_2) * per_edge <= EDGE_RESIDUAL_BUDGET:
+        if (conv_1 + conv_2) * per_edge <= budget_bytes:
             return ("so2_conv_1", "so2_conv_2")
-        if conv_1 * per_edge <= EDGE_RESIDUAL_BUDGET:
+        if conv_1 * per_edge <= budget_bytes:
             return ("so2_conv_1",)
         return ()
 
     def __call__(
-        self, x: Float[Array, "atoms coeffs channels"], frame: EdgeFrame, routing: MoLERouting | None
+        self,
+        x: Float[Array, "atoms coeffs channels"],
+        frame: EdgeFrame,
+        routing: MoLERouting | None,
+        settings: ExecutionSettings = DEFAULT_SETTINGS,
     ) -> Float[Array, "atoms coeffs channels"]:
+        """Sum of the messages of each atom's incoming edges.
+
+        **Arguments:**
+
+        - `x`: `(atoms, coeffs, sphere_channels)` node features.
+        - `frame`: every edge of the graph.
+        - `routing`: MoLE coefficients and edges per system (`None` for plain linears).
+        - `settings`: chunk size, residual budget and Gauss form.
+
+        **Returns:**
+
+        `(atoms, coeffs, sphere_channels)`.
+        """
         with jax.named_scope("edgewise"):
+            num_edges = frame.source.shape[0]
+            chunk_size = settings.chunk_size_for(num_edges)
             if routing is None:
                 num_systems = 1
-                chunks, chunk_systems = _split_edges(frame, self.edge_chunk_size, None)
+                chunks, chunk_systems = _split_edges(frame, chunk_size, None)
                 per_system = self
             else:
                 # Merge the experts once per system, and lay the edges out so that every chunk
                 # belongs to one system: a chunk then costs one matmul with its system's weights
                 # (the per-system grouped matmul of fairchem's MOLE, without ragged shapes).
                 num_systems = routing.coefficients.shape[0]
-                chunks, chunk_systems = _split_edges(frame, self.edge_chunk_size, routing.group_sizes)
+                chunks, chunk_systems = _split_edges(frame, chunk_size, routing.group_sizes)
                 per_system = map_mole(lambda m: m.merge_per_system(routing.coefficients), self)
-            # the complex products' weight sums, once per call rather than per chunk
-            per_system = eqx.tree_at(
-                lambda e: (e.so2_conv_1, e.so2_conv_2),
-                per_system,
-                (per_system.so2_conv_1.with_gauss_weights(), per_system.so2_conv_2.with_gauss_weights()),
-            )
+            # the complex products' weights, once per call rather than per chunk
+            gauss = None
+            if settings.gauss_form:
+                gauss = (per_system.so2_conv_1.gauss_fc_m(), per_system.so2_conv_2.gauss_fc_m())
+            weights = (per_system, gauss)
 
-            def system_messages(per_system, x, chunk, system):
+            def system_messages(weights, x, chunk, system):
                 # The system's weights are sliced inside the checkpoint (the backward pass slices
                 # them again instead of keeping a weight copy per chunk). The layout reserves the
                 # worst case of chunks; unused ones (`system == num_systems`) and those of
                 # padding systems (`routing.active`) are skipped.
                 def run(system):
-                    return map_mole(lambda m: m.expert(system), per_system).messages(x, chunk, None)
+                    layer, gauss = map_mole(lambda m: m.expert(system), weights)
+                    return layer.messages(x, chunk, None, gauss)
 
                 if num_systems == 1:
                     return run(0)
@@ -234,29 +304,16 @@ class Edgewise(eqx.Module):
                     jnp.minimum(system, num_systems - 1),
                 )
 
-            policy = jax.checkpoint_policies.save_only_these_names(*self._saved_names(chunks.source.size, x.dtype))
+            saved = self.saved_names(chunks.source.size, x.dtype, settings.residual_budget_bytes)
+            policy = jax.checkpoint_policies.save_only_these_names(*saved)
             messages = jax.checkpoint(system_messages, prevent_cse=False, policy=policy)
 
             def step(total, chunk_and_system):
                 chunk, system = chunk_and_system
-                return total.at[chunk.target].add(messages(per_system, x, chunk, system)), None
+                return total.at[chunk.target].add(messages(weights, x, chunk, system)), None
 
             total, _ = jax.lax.scan(step, jnp.zeros_like(x), (chunks, chunk_systems))
             return total
-
-
-def with_edge_chunk_size(tree, size: int):
-    """A copy of `tree` (a model or any pytree of modules) whose `Edgewise` layers use `size`-edge chunks.
-
-    `edge_chunk_size` is static (part of the compiled program), so it is set on a rebuilt copy.
-    A size at least the edge count gives the unchunked program: one `scan` step, whose FLOPs
-    XLA's cost analysis counts correctly (it counts a loop body once).
-    """
-    tree = jax.tree.map(lambda leaf: leaf, tree)  # new module instances, same arrays
-    for module in jax.tree.leaves(tree, is_leaf=lambda m: isinstance(m, Edgewise)):
-        if isinstance(module, Edgewise):
-            object.__setattr__(module, "edge_chunk_size", size)
-    return tree
 
 
 class AbstractAtomwise(eqx.Module):
@@ -264,7 +321,14 @@ class AbstractAtomwise(eqx.Module):
 
     @abc.abstractmethod
     def __call__(self, x: Float[Array, "atoms coeffs channels"]) -> Float[Array, "atoms coeffs channels"]:
-        ...
+        """**Arguments:**
+
+        - `x`: `(atoms, (lmax + 1)**2, sphere_channels)` node features.
+
+        **Returns:**
+
+        Features of the same shape.
+        """
 
 
 class SpectralAtomwise(AbstractAtomwise):
@@ -278,15 +342,31 @@ class SpectralAtomwise(AbstractAtomwise):
     so3_linear_2: SO3Linear
     lmax: int = eqx.field(static=True)
 
-    def __init__(self, config: UMAConfig, dtype=None, *, key):
+    def __init__(self, sphere_channels: int, hidden_channels: int, lmax: int, dtype=None, *, key):
+        """**Arguments:**
+
+        - `sphere_channels`: node feature channels (input and output).
+        - `hidden_channels`: channels of the gated hidden features.
+        - `lmax`: node degrees.
+        - `dtype`: parameter dtype.
+        - `key`: PRNG key for the initialisation.
+        """
         k1, k2, k3 = jax.random.split(key, 3)
-        c, h, lmax = config.sphere_channels, config.hidden_channels, config.lmax
+        c, h = sphere_channels, hidden_channels
         self.scalar_mlp = Linear(c, lmax * h, dtype=dtype, key=k1)
         self.so3_linear_1 = SO3Linear(c, h, lmax, dtype, key=k2)
         self.so3_linear_2 = SO3Linear(h, c, lmax, dtype, key=k3)
         self.lmax = lmax
 
     def __call__(self, x: Float[Array, "atoms coeffs channels"]) -> Float[Array, "atoms coeffs channels"]:
+        """**Arguments:**
+
+        - `x`: `(atoms, (lmax + 1)**2, sphere_channels)` node features.
+
+        **Returns:**
+
+        Features of the same shape.
+        """
         gates = jax.nn.silu(self.scalar_mlp(x[:, 0, :]))
         y = self.so3_linear_1(x)
         y = gate_activation(gates, y, coefficient_layout(self.lmax, self.lmax).l_of_coeff)
@@ -304,19 +384,33 @@ class GridAtomwise(AbstractAtomwise):
     grid_mlp: tuple[Linear, Linear, Linear]
     lmax: int = eqx.field(static=True)
 
-    def __init__(self, config: UMAConfig, dtype=None, *, key):
+    def __init__(self, sphere_channels: int, hidden_channels: int, lmax: int, dtype=None, *, key):
+        """**Arguments:**
+
+        - `sphere_channels`: node feature channels (input and output).
+        - `hidden_channels`: width of the per-grid-point MLP.
+        - `lmax`: node degrees (sets the grid).
+        - `dtype`: parameter dtype.
+        - `key`: PRNG key for the initialisation.
+        """
         k1, k2, k3 = jax.random.split(key, 3)
-        c, h = config.sphere_channels, config.hidden_channels
+        c, h = sphere_channels, hidden_channels
         self.grid_mlp = (
             Linear(c, h, False, dtype, key=k1),
             Linear(h, h, False, dtype, key=k2),
             Linear(h, c, False, dtype, key=k3),
         )
-        self.lmax = config.lmax
+        self.lmax = lmax
 
     def __call__(self, x: Float[Array, "atoms coeffs channels"]) -> Float[Array, "atoms coeffs channels"]:
-        from .so3._grid import s2_grid_matrices
+        """**Arguments:**
 
+        - `x`: `(atoms, (lmax + 1)**2, sphere_channels)` node features.
+
+        **Returns:**
+
+        Features of the same shape.
+        """
         to_grid, from_grid = s2_grid_matrices(self.lmax)
         g = jnp.einsum("bai,nic->nbac", jnp.asarray(to_grid, x.dtype), x)
         g = jax.nn.silu(self.grid_mlp[0](g))
@@ -325,11 +419,36 @@ class GridAtomwise(AbstractAtomwise):
         return jnp.einsum("bai,nbac->nic", jnp.asarray(from_grid, x.dtype), g)
 
 
+def make_atomwise(ff_type: FFType, sphere_channels: int, hidden_channels: int, lmax: int, dtype=None, *, key):
+    """The atomwise feed-forward layer named `ff_type`: the one dispatch on `UMAConfig.ff_type`.
+
+    **Arguments:**
+
+    - `ff_type`: `"spectral"` ([`SpectralAtomwise`][uma_eqx._block.SpectralAtomwise]) or
+      `"grid"` ([`GridAtomwise`][uma_eqx._block.GridAtomwise]).
+    - `sphere_channels`, `hidden_channels`, `lmax`, `dtype`, `key`: the layer's arguments.
+
+    **Returns:**
+
+    The layer; an unknown name raises `ValueError` listing the known ones.
+    """
+    match ff_type:
+        case "spectral":
+            return SpectralAtomwise(sphere_channels, hidden_channels, lmax, dtype, key=key)
+        case "grid":
+            return GridAtomwise(sphere_channels, hidden_channels, lmax, dtype, key=key)
+        case other:
+            raise ValueError(f"unknown ff_type {other!r}: use one of {list(FFType.__args__)}")
+
+
 class UMABlock(eqx.Module):
     """One UMA layer.
 
     Port of `fairchem.core.models.uma.escn_md_block.eSCNMD_Block`:
     `x = x + Edgewise(norm_1(x) + csd on l=0)`, then `x = x + Atomwise(norm_2(x))`.
+
+    Built from its parts (`UMABlock(norm_1, edge_wise, norm_2, atom_wise)`) or from a
+    config with [`UMABlock.from_config`][uma_eqx.UMABlock.from_config].
     """
 
     norm_1: AbstractEquivariantNorm
@@ -337,18 +456,30 @@ class UMABlock(eqx.Module):
     norm_2: AbstractEquivariantNorm
     atom_wise: AbstractAtomwise
 
-    def __init__(self, config: UMAConfig, num_experts: int, dtype=None, *, key):
+    @classmethod
+    def from_config(cls, config: UMAConfig, num_experts: int, dtype=None, *, key) -> "UMABlock":
+        """The block of a UMA model with architecture `config`.
+
+        **Arguments:**
+
+        - `config`: the architecture (widths, degrees, norm and feed-forward variants).
+        - `num_experts`: MoLE experts of this block's SO(2) linears (0: plain).
+        - `dtype`: parameter dtype.
+        - `key`: PRNG key for the initialisation.
+
+        **Returns:**
+
+        The `UMABlock`.
+        """
         k1, k2 = jax.random.split(key)
-        self.norm_1 = make_norm(config, dtype)
-        self.edge_wise = Edgewise(config, num_experts, dtype, key=k1)
-        self.norm_2 = make_norm(config, dtype)
-        match config.ff_type:
-            case "spectral":
-                self.atom_wise = SpectralAtomwise(config, dtype, key=k2)
-            case "grid":
-                self.atom_wise = GridAtomwise(config, dtype, key=k2)
-            case other:
-                raise ValueError(f"unknown ff_type {other!r}: use spectral or grid")
+        c, h, lmax = config.sphere_channels, config.hidden_channels, config.lmax
+        radial = [config.num_distance_basis + 2 * config.edge_channels, config.edge_channels, config.edge_channels]
+        return cls(
+            make_norm(config.norm_type, lmax, c, dtype),
+            Edgewise(c, h, lmax, config.mmax, radial, num_experts, dtype, key=k1),
+            make_norm(config.norm_type, lmax, c, dtype),
+            make_atomwise(config.ff_type, c, h, lmax, dtype, key=k2),
+        )
 
     def __call__(
         self,
@@ -356,9 +487,23 @@ class UMABlock(eqx.Module):
         system_embedding: Float[Array, "atoms channels"],
         frame: EdgeFrame,
         routing: MoLERouting | None,
+        settings: ExecutionSettings = DEFAULT_SETTINGS,
     ) -> Float[Array, "atoms coeffs channels"]:
+        """**Arguments:**
+
+        - `x`: `(atoms, coeffs, channels)` node features.
+        - `system_embedding`: `(atoms, channels)` charge/spin/dataset embedding of each atom's
+          system, added to the `l = 0` features before the edgewise layer.
+        - `frame`: the graph's edges.
+        - `routing`: MoLE coefficients (`None` for plain or merged models).
+        - `settings`: how the edgewise layer runs.
+
+        **Returns:**
+
+        `(atoms, coeffs, channels)` updated features.
+        """
         with jax.named_scope("uma_block"):
             h = self.norm_1(x)
             h = h.at[:, 0, :].add(system_embedding)
-            x = x + self.edge_wise(h, frame, routing)
+            x = x + self.edge_wise(h, frame, routing, settings)
             return x + self.atom_wise(self.norm_2(x))

@@ -9,6 +9,17 @@ FFType = Literal["spectral", "grid"]
 ChargeSpinEmbeddingType = Literal["rand_emb", "pos_emb", "lin_emb"]
 HeadType = Literal["mlp_energy", "linear_energy"]
 ExpertNorm = Literal["softmax", "pnorm"]
+#: The variant fields of `UMAConfig` and their allowed values: each is written once, in its
+#: `Literal`, and dispatched once, in one exhaustive `match` (`_block.make_norm`,
+#: `_block.make_atomwise`, `_backbone.make_charge_spin_embedding`, `_potential.make_energy_head`,
+#: `_backbone.ExpertRouter`).
+_VARIANTS = {
+    "norm_type": NormType,
+    "ff_type": FFType,
+    "chg_spin_emb_type": ChargeSpinEmbeddingType,
+    "head_type": HeadType,
+    "expert_coefficient_norm": ExpertNorm,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +131,10 @@ class UMAConfig:
             or len(set(self.elements)) != len(self.elements)
         ):
             bad("elements", self.elements, f"need a tuple of distinct atomic numbers in 1..{self.max_num_elements - 1}")
-        if self.norm_type not in ("rms_norm_sh", "layer_norm", "layer_norm_sh"):
-            bad("norm_type", self.norm_type, "use rms_norm_sh, layer_norm or layer_norm_sh")
-        if self.ff_type not in ("spectral", "grid"):
-            bad("ff_type", self.ff_type, "use spectral or grid")
-        if self.chg_spin_emb_type not in ("rand_emb", "pos_emb", "lin_emb"):
-            bad("chg_spin_emb_type", self.chg_spin_emb_type, "use rand_emb, pos_emb or lin_emb")
-        if self.expert_coefficient_norm not in ("softmax", "pnorm"):
-            bad("expert_coefficient_norm", self.expert_coefficient_norm, "use softmax or pnorm")
+        for name, variant in _VARIANTS.items():
+            allowed = variant.__args__
+            if getattr(self, name) not in allowed:
+                bad(name, getattr(self, name), f"use one of {list(allowed)}")
         for name in ("charge_balanced_channels", "spin_balanced_channels"):
             start, end = getattr(self, name)
             if not 0 <= start <= end <= self.sphere_channels:

@@ -42,3 +42,10 @@ CHARGE_RANGE = (-100, 100)
 SPIN_RANGE = (0, 100)
 
 TWO_PI = 2.0 * math.pi
+
+#: Closest approach of two atoms (or an atom and a periodic image of another) that a graph
+#: accepts, in Å. Our choice, not fairchem's (which silently drops a zero-length edge and
+#: evaluates anything else): the shortest bond, H2's, is 0.74 Å, and at 0.1 Å nuclei would
+#: have to fuse; such a structure is a bug in its construction (a duplicated atom, a wrong
+#: unit). `AtomicGraph.from_atoms(..., min_distance=None)` turns the check off.
+MIN_ATOM_DISTANCE = 0.1

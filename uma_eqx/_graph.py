@@ -12,7 +12,7 @@ import numpy as np
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
-from ._constants import CHARGE_RANGE, MAX_NEIGHBORS, SPIN_RANGE
+from ._constants import CHARGE_RANGE, MAX_NEIGHBORS, MIN_ATOM_DISTANCE, SPIN_RANGE
 from .neighbors import radius_graph
 
 
@@ -65,21 +65,22 @@ class AtomicGraph(eqx.Module):
     `edge_mask`, `system_mask` (`True` for real entries).
     """
 
-    positions: Float[Array, "atoms 3"]
-    atomic_numbers: Int[Array, "atoms"]
-    system_index: Int[Array, "atoms"]
-    edge_index: Int[Array, "2 edges"]
-    edge_shift: Float[Array, "edges 3"]
-    cell: Float[Array, "systems 3 3"]
-    charge: Int[Array, "systems"]
-    spin: Int[Array, "systems"]
-    dataset_index: Int[Array, "systems"]
-    atom_mask: Bool[Array, "atoms"]
-    edge_mask: Bool[Array, "edges"]
-    system_mask: Bool[Array, "systems"]
+    positions: Float[Array, "*batch atoms 3"]
+    atomic_numbers: Int[Array, "*batch atoms"]
+    system_index: Int[Array, "*batch atoms"]
+    edge_index: Int[Array, "*batch 2 edges"]
+    edge_shift: Float[Array, "*batch edges 3"]
+    cell: Float[Array, "*batch systems 3 3"]
+    charge: Int[Array, "*batch systems"]
+    spin: Int[Array, "*batch systems"]
+    dataset_index: Int[Array, "*batch systems"]
+    atom_mask: Bool[Array, "*batch atoms"]
+    edge_mask: Bool[Array, "*batch edges"]
+    system_mask: Bool[Array, "*batch systems"]
 
     def __check_init__(self):
         atoms, edges, systems = self.num_atoms, self.num_edges, self.num_systems
+        batch = self.batch_shape
         expected = {
             "positions": (atoms, 3),
             "atomic_numbers": (atoms,),
@@ -96,27 +97,82 @@ class AtomicGraph(eqx.Module):
         }
         for name, shape in expected.items():
             actual = getattr(self, name).shape
-            if actual != shape:
+            if actual != batch + shape:
                 raise ValueError(
-                    f"AtomicGraph.{name} has shape {actual}, expected {shape} for "
-                    f"{atoms} atoms, {edges} edges and {systems} systems (sizes taken "
-                    "from positions, edge_index and cell)."
+                    f"AtomicGraph.{name} has shape {actual}, expected {batch + shape} for "
+                    f"{atoms} atoms, {edges} edges and {systems} systems with leading axes {batch} "
+                    "(sizes taken from positions, edge_index and cell)."
                 )
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading axes of a stack of graphs (see [`uma_eqx.stack_graphs`][]); `()` for one graph."""
+        return tuple(self.positions.shape[:-2])
 
     @property
     def num_atoms(self) -> int:
         """Number of atoms, padding included (static)."""
-        return self.positions.shape[0]
+        return self.positions.shape[-2]
 
     @property
     def num_edges(self) -> int:
         """Number of edges, padding included (static)."""
-        return self.edge_index.shape[1]
+        return self.edge_index.shape[-1]
 
     @property
     def num_systems(self) -> int:
         """Number of systems, padding included (static)."""
-        return self.cell.shape[0]
+        return self.cell.shape[-3]
+
+    def _require_single(self, what: str) -> None:
+        if self.batch_shape:
+            raise ValueError(
+                f"AtomicGraph.{what} takes one graph, got a stack with leading axes {self.batch_shape}: "
+                "use jax.vmap over the leading axis"
+            )
+
+    def checked(self, max_num_elements: int, num_datasets: int) -> "AtomicGraph":
+        """The graph, with a run-time error (`eqx.error_if`) if a model cannot evaluate it.
+
+        A graph built by [`uma_eqx.AtomicGraph.from_atoms`][] always passes; a hand-built one
+        (or one assembled inside `jit`, e.g. by a neighbour list) may not, and would otherwise
+        be clamped silently by the embedding lookups. Checked, once per call, on device:
+
+        - real atoms' atomic numbers in `1 .. max_num_elements - 1` (padded atoms may be 0);
+        - edge endpoints in `0 .. atoms - 1`, atoms' systems in `0 .. systems - 1`;
+        - charge and spin within the embedding tables (fairchem's ranges), dataset indices in
+          `0 .. num_datasets - 1`.
+
+        **Arguments:**
+
+        - `max_num_elements`: rows of the model's element embedding.
+        - `num_datasets`: number of the model's datasets.
+
+        **Returns:**
+
+        The same graph (its positions carry the check, so it cannot be optimised away).
+        """
+        self._require_single("checked")
+        z, real = self.atomic_numbers, self.atom_mask
+        bad_z = jnp.any((real & ((z < 1) | (z >= max_num_elements))) | (z < 0) | (z >= max_num_elements))
+        bad_edges = jnp.any((self.edge_index < 0) | (self.edge_index >= self.num_atoms))
+        bad_systems = jnp.any((self.system_index < 0) | (self.system_index >= self.num_systems))
+        real_s = self.system_mask
+        bad_charge = jnp.any(real_s & ((self.charge < CHARGE_RANGE[0]) | (self.charge > CHARGE_RANGE[1])))
+        bad_spin = jnp.any(real_s & ((self.spin < SPIN_RANGE[0]) | (self.spin > SPIN_RANGE[1])))
+        bad_dataset = jnp.any((self.dataset_index < 0) | (self.dataset_index >= num_datasets))
+        checks = jnp.stack([bad_z, bad_edges, bad_systems, bad_charge, bad_spin, bad_dataset])
+        messages = [
+            f"AtomicGraph: an atomic number is outside 1..{max_num_elements - 1} (or a padded atom's outside "
+            f"0..{max_num_elements - 1}); build the graph with AtomicGraph.from_atoms or fix atomic_numbers",
+            "AtomicGraph: edge_index has an entry < 0 or >= the number of atoms; fix edge_index",
+            "AtomicGraph: system_index has an entry < 0 or >= the number of systems; fix system_index",
+            f"AtomicGraph: a charge is outside {list(CHARGE_RANGE)}; fix charge",
+            f"AtomicGraph: a spin is outside {list(SPIN_RANGE)}; fix spin",
+            f"AtomicGraph: a dataset_index is outside 0..{num_datasets - 1}; fix dataset_index",
+        ]
+        positions = eqx.branched_error_if(self.positions, jnp.any(checks), jnp.argmax(checks), messages)
+        return eqx.tree_at(lambda g: g.positions, self, positions)
 
     @property
     def num_atoms_per_system(self) -> Int[Array, "systems"]:
@@ -143,12 +199,84 @@ class AtomicGraph(eqx.Module):
 
         The edge vectors, in the dtype of `positions`.
         """
+        self._require_single("edge_vectors")
         source, target = self.edge_index[0], self.edge_index[1]
         cell = self.cell[self.system_index[target]]
         shift = jnp.einsum("ek,ekd->ed", self.edge_shift.astype(cell.dtype), cell)
         vectors = self.positions[source] - self.positions[target] + shift
         far_vectors = jnp.full_like(vectors, far)
         return jnp.where(self.edge_mask[:, None], vectors, far_vectors)
+
+    @classmethod
+    def for_model(
+        cls,
+        model,
+        atoms: "ase.Atoms | Sequence[ase.Atoms]",
+        task_name: str | Sequence[str | None] | None = None,
+        *,
+        pad: "bool | PaddingSpec" = False,
+        dtype: DTypeLike | None = None,
+        min_distance: float | None = MIN_ATOM_DISTANCE,
+    ) -> "AtomicGraph":
+        """This model's graph of these structures: the one constructor every engine uses.
+
+        Resolves each structure's task (`task_name`, else `atoms.info["task"]`, else the
+        model's only task; see `UMAConfig.resolve_task`), checks each structure against the
+        model (elements it covers, isolated atoms; `UMAConfig.check_atoms`), and builds the
+        graph with the model's cutoff, datasets, neighbour cap and dtype
+        ([`uma_eqx.AtomicGraph.from_atoms`][]).
+
+        **Arguments:**
+
+        - `model`: a [`uma_eqx.UMA`][] (anything with its `config` and `dtype`).
+        - `atoms`: one `ase.Atoms` or a sequence of them (one system each).
+        - `task_name`: the task of every structure, one per structure (`None` entries fall
+          back as above), or `None`.
+        - `pad`, `min_distance`: as for `from_atoms`.
+        - `dtype`: float dtype of the graph; default the model's.
+
+        **Returns:**
+
+        The `AtomicGraph`.
+
+        **Raises:**
+
+        `ValueError` naming the structure (`structure #k`) and the fix, for everything
+        `from_atoms` refuses, an unknown or missing task, elements outside the model, and a
+        lone non-periodic atom for a model without isolated-atom support.
+        """
+        import ase
+
+        config = model.config
+        structures = [atoms] if isinstance(atoms, ase.Atoms) else list(atoms)
+        if task_name is None or isinstance(task_name, str):
+            given = [task_name] * len(structures)
+        else:
+            given = list(task_name)
+            if len(given) != len(structures):
+                raise ValueError(
+                    f"task_name has {len(given)} entries for {len(structures)} structures; give one per structure "
+                    "or a single name"
+                )
+        tasks = []
+        for k, (system, task) in enumerate(zip(structures, given)):
+            if not isinstance(system, ase.Atoms):
+                raise ValueError(f"structure #{k} is a {type(system).__name__}, not an ase.Atoms.")
+            try:
+                tasks.append(config.resolve_task(task, system))
+            except ValueError as e:
+                raise ValueError(f"structure #{k}: {e}") from None
+            config.check_atoms(system, f"structure #{k}")
+        return cls.from_atoms(
+            structures,
+            cutoff=config.cutoff,
+            datasets=config.datasets,
+            task_name=tasks,
+            max_neighbors=config.max_neighbors,
+            dtype=model.dtype if dtype is None else dtype,
+            pad=pad,
+            min_distance=min_distance,
+        )
 
     @classmethod
     def from_atoms(
@@ -161,8 +289,13 @@ class AtomicGraph(eqx.Module):
         max_neighbors: int | None = MAX_NEIGHBORS,
         dtype: DTypeLike | None = jnp.float32,
         pad: "bool | PaddingSpec" = False,
+        min_distance: float | None = MIN_ATOM_DISTANCE,
     ) -> "AtomicGraph":
         """Build a batch from ASE structures, exactly as fairchem prepares them.
+
+        Engines and workflows use [`uma_eqx.AtomicGraph.for_model`][], which takes the
+        cutoff, datasets, neighbour cap and dtype from a model and checks the structures
+        against it; this is the model-independent step below it.
 
         Port of `fairchem.core.calculate.ase_calculator.FAIRChemCalculator.calculate`'s
         checks, `validate_uma_atoms_data`, `AtomicData.from_ase` and the model's
@@ -186,6 +319,9 @@ class AtomicGraph(eqx.Module):
         - `dtype`: float dtype of positions, shifts and cells; `None` for JAX's default.
         - `pad`: `False` for exact sizes, `True` for bucketed sizes (`PaddingSpec()`),
             or a [`uma_eqx.PaddingSpec`][] (then [`uma_eqx.pad_graph`][] is applied).
+        - `min_distance`: refuse structures with two atoms (or an atom and a periodic image
+            of another) closer than this, in Å (default 0.1 Å; fairchem silently drops a
+            zero-length edge); `None` turns the check off.
 
         **Returns:**
 
@@ -193,9 +329,10 @@ class AtomicGraph(eqx.Module):
 
         **Raises:**
 
-        `ValueError` for an empty batch or structure, non-finite positions, an unknown
-        task name, charge/spin of the wrong type or out of range, an all-periodic system
-        with a zero-volume cell, or a partly periodic one with a cell under 0.1 Å³.
+        `ValueError` for an empty batch or structure, non-finite positions or cell, atoms
+        closer than `min_distance`, an unknown task name, charge/spin of the wrong type or
+        out of range, an all-periodic system with a zero-volume cell, or a partly periodic
+        one with a cell under 0.1 Å³.
         """
         import ase
         from ase.geometry import wrap_positions
@@ -234,6 +371,8 @@ class AtomicGraph(eqx.Module):
             pos, cell, pbc = _checked_geometry(system, k)
             charge, spin = _charge_and_spin(system.info, task, k)
             pos = wrap_positions(pos, cell, pbc=pbc, eps=0)
+            if min_distance is not None:
+                _check_min_distance(pos, cell, pbc, min_distance, k)
             edges, shifts = radius_graph(pos, cell, pbc, cutoff, max_neighbors)
 
             positions.append(pos)
@@ -277,6 +416,33 @@ class AtomicGraph(eqx.Module):
         if not isinstance(spec, PaddingSpec):
             raise ValueError(f"`pad` must be a bool or a PaddingSpec, got {pad!r}.")
         return pad_graph(graph, *spec.sizes(graph))
+
+
+def stack_graphs(graphs: Sequence[AtomicGraph]) -> AtomicGraph:
+    """Stack graphs of equal sizes along a new leading axis (for `jax.vmap` or sharding).
+
+    Pad them to common sizes first (e.g. `pad_graph` with one `PaddingSpec` of fixed
+    capacities). The result has `batch_shape == (len(graphs),)`; the model takes one graph,
+    so map it over the leading axis: `jax.vmap(lambda g: model(g))(stacked)`.
+
+    **Arguments:**
+
+    - `graphs`: graphs with identical `num_atoms`, `num_edges`, `num_systems` and dtypes.
+
+    **Returns:**
+
+    The stacked `AtomicGraph`.
+    """
+    graphs = list(graphs)
+    if not graphs:
+        raise ValueError("stack_graphs needs at least one graph.")
+    sizes = {(g.num_atoms, g.num_edges, g.num_systems, g.batch_shape) for g in graphs}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"stack_graphs needs graphs of one size, got (atoms, edges, systems, leading axes) {sorted(sizes)}; "
+            "pad them to common sizes with pad_graph first."
+        )
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *graphs)
 
 
 def bucket_size(n: int) -> int:
@@ -462,9 +628,13 @@ def _checked_geometry(
             f"{atom}; positions must be finite."
         )
     pbc = np.array(system.pbc, dtype=bool)
+    given = np.array(system.cell[:], dtype=np.float64)
+    if not np.all(np.isfinite(given)):
+        raise ValueError(
+            f"Structure #{k} has a non-finite cell {given.tolist()}; give finite lattice vectors "
+            "(or a zero cell for a molecule)."
+        )
     cell = np.array(system.get_cell(complete=True), dtype=np.float64)
-    if pbc.any() and not np.all(np.isfinite(cell)):
-        raise ValueError(f"Structure #{k} has a non-finite cell {cell.tolist()}.")
     volume = float(system.cell.volume)  # of the cell as given, not the completed one
     if pbc.all() and volume < _PBC_MIN_VOLUME:
         raise ValueError(
@@ -480,6 +650,29 @@ def _checked_geometry(
             "lattice vectors, e.g. with vacuum along the non-periodic axes."
         )
     return pos, cell, pbc
+
+
+def _check_min_distance(
+    pos: Float[np.ndarray, "atoms 3"], cell: Float[np.ndarray, "3 3"], pbc: Bool[np.ndarray, "3"],
+    min_distance: float, k: int,
+) -> None:
+    """Refuse two atoms, or an atom and a periodic image of another, closer than `min_distance`."""
+    import vesin
+
+    if len(pos) < 2 and not pbc.any():
+        return
+    box = cell if pbc.any() else np.eye(3)
+    i, j, d = vesin.NeighborList(cutoff=float(min_distance), full_list=False).compute(
+        points=pos, box=box, periodic=pbc, quantities="ijd"
+    )
+    close = np.flatnonzero(d < min_distance)
+    if close.size:
+        e = close[np.argmin(d[close])]
+        raise ValueError(
+            f"Structure #{k}: atoms {int(i[e])} and {int(j[e])} are {d[e]:.3g} Å apart (closest pair, counting "
+            f"periodic images), below the minimum of {min_distance} Å; remove the duplicated atom or fix the "
+            "coordinates (or pass min_distance=None to AtomicGraph.from_atoms)."
+        )
 
 
 def _charge_and_spin(info: dict, task: str, k: int) -> tuple[int, int]:

@@ -1,5 +1,7 @@
 """`UMA` = backbone + heads, and its derivatives: forces, stress, hessian."""
 
+import contextlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,8 @@ from ._backbone import UMABackbone
 from ._config import UMAConfig
 from ._graph import AtomicGraph
 from ._heads import AbstractEnergyHead, EnergyReferences, LinearEnergyHead, LinearForceHead, MLPEnergyHead
-from .nn import MoLERouting
-from .nn._linear import map_mole
+from ._settings import DEFAULT_SETTINGS, ExecutionSettings
+from .nn import MoLERouting, map_mole
 
 
 class UMA(eqx.Module):
@@ -39,12 +41,14 @@ class UMA(eqx.Module):
         num_heads = 0 if config.head_dataset_experts is None else config.num_head_experts
         match config.head_type:
             case "mlp_energy":
-                self.energy_head = MLPEnergyHead(config, num_heads, dtype, key=kh)
+                self.energy_head = MLPEnergyHead(
+                    config.sphere_channels, config.hidden_channels, num_heads, dtype, key=kh
+                )
             case "linear_energy":
-                self.energy_head = LinearEnergyHead(config, num_heads, dtype, key=kh)
+                self.energy_head = LinearEnergyHead(config.sphere_channels, num_heads, dtype, key=kh)
             case other:
                 raise ValueError(f"unknown head_type {other!r}: use mlp_energy or linear_energy")
-        self.force_head = LinearForceHead(config, dtype, key=kf) if config.direct_forces else None
+        self.force_head = LinearForceHead(config.sphere_channels, dtype, key=kf) if config.direct_forces else None
         self.references = EnergyReferences(len(config.datasets), config.max_num_elements, dtype)
 
     @property
@@ -73,9 +77,18 @@ class UMA(eqx.Module):
         graph: AtomicGraph,
         roll: Float[Array, ""] | float = 0.0,
         strain: Float[Array, "systems 3 3"] | None = None,
+        settings: ExecutionSettings = DEFAULT_SETTINGS,
     ) -> tuple[Float[Array, " atoms"], Float[Array, "atoms coeffs channels"]]:
-        """Raw per-atom energies (zero on padded atoms) and the node features."""
-        features = self.backbone(graph, roll, strain=strain)
+        """Raw per-atom energies (zero on padded atoms) and the node features.
+
+        **Arguments:** as for `__call__`.
+
+        **Returns:**
+
+        `(atoms,)` head outputs before normalisation and references, and the
+        `(atoms, coeffs, channels)` backbone features.
+        """
+        features = self.backbone(graph, roll, strain=strain, settings=settings)
         num_heads = 0 if self.config.head_dataset_experts is None else self.config.num_head_experts
         e_atom = self.energy_head(features, self.head_routing(graph, num_heads))
         return jnp.where(graph.atom_mask, e_atom, 0.0), features
@@ -86,6 +99,8 @@ class UMA(eqx.Module):
         graph: AtomicGraph,
         roll: Float[Array, ""] | float = 0.0,
         strain: Float[Array, "systems 3 3"] | None = None,
+        *,
+        settings: ExecutionSettings = DEFAULT_SETTINGS,
     ) -> Float[Array, " systems"]:
         """Total energy (eV) of each system; 0 for padded systems.
 
@@ -94,17 +109,44 @@ class UMA(eqx.Module):
         - `graph`: a batched [`AtomicGraph`][].
         - `roll`: edge-frame roll angle (any value gives the same energy up to round-off).
         - `strain`: optional homogeneous strain per system, applied to the edge vectors.
+        - `settings`: how to execute (chunking, memory, fast paths, matmul precision); see
+          [`uma_eqx.ExecutionSettings`][].
+
+        **Returns:**
+
+        `(systems,)` energies in eV.
+
+        **Raises:**
+
+        At run time (`eqx.error_if`), for a graph that the model cannot evaluate: atomic
+        numbers outside the embedding, edges or atoms pointing past the graph, charge or spin
+        outside the embedding tables, an unknown dataset index.
         """
-        e_atom, _ = self.node_energies(graph, roll, strain)
-        num_systems = graph.charge.shape[0]
-        raw = jax.ops.segment_sum(e_atom, graph.system_index, num_segments=num_systems)
-        energy = self.references(raw, graph.dataset_index, graph.atomic_numbers, graph.system_index, graph.atom_mask)
-        return jnp.where(graph.system_mask, energy, 0.0)
+        with _precision(settings):
+            e_atom, _ = self.node_energies(graph, roll, strain, settings)
+            num_systems = graph.charge.shape[0]
+            raw = jax.ops.segment_sum(e_atom, graph.system_index, num_segments=num_systems)
+            energy = self.references(
+                raw, graph.dataset_index, graph.atomic_numbers, graph.system_index, graph.atom_mask
+            )
+            return jnp.where(graph.system_mask, energy, 0.0)
+
+
+def _precision(settings: ExecutionSettings):
+    """`jax.default_matmul_precision(settings.matmul_precision)`, or nothing when it is `None`."""
+    if settings.matmul_precision is None:
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(settings.matmul_precision)
 
 
 @eqx.filter_jit
 def energy_forces_stress(
-    model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0, *, stress: bool = True
+    model: UMA,
+    graph: AtomicGraph,
+    roll: Float[Array, ""] | float = 0.0,
+    *,
+    stress: bool = True,
+    settings: ExecutionSettings = DEFAULT_SETTINGS,
 ) -> dict[str, Array]:
     """Energy, conservative forces `-dE/dr` and stress `(1/V) dE/d(strain)`.
 
@@ -116,6 +158,14 @@ def energy_forces_stress(
     Units eV, eV/Å, eV/Å³. Compiled (`eqx.filter_jit`: one program per input shape, inlined
     when called inside another `jit`) and differentiable.
 
+    **Arguments:**
+
+    - `model`: the model.
+    - `graph`: a batched [`uma_eqx.AtomicGraph`][].
+    - `roll`: edge-frame roll angle (default 0).
+    - `stress`: also compute the stress.
+    - `settings`: how to execute (see [`uma_eqx.ExecutionSettings`][]).
+
     **Returns:**
 
     A dict with `energy (systems,)`, `forces (atoms, 3)` and (if `stress`) `stress (systems, 3, 3)`.
@@ -125,7 +175,7 @@ def energy_forces_stress(
 
     def total(positions, strain):
         sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
-        e = model(eqx.tree_at(lambda g: g.positions, graph, positions), roll, sym)
+        e = model(eqx.tree_at(lambda g: g.positions, graph, positions), roll, sym, settings=settings)
         return jnp.sum(e), e
 
     if stress:
@@ -141,24 +191,50 @@ def energy_forces_stress(
 
 
 @eqx.filter_jit
-def direct_forces(model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0) -> Float[Array, "atoms 3"]:
-    """Output of the direct-force head (`Linear_Force_Head`), for checkpoints that have one."""
+def direct_forces(
+    model: UMA,
+    graph: AtomicGraph,
+    roll: Float[Array, ""] | float = 0.0,
+    *,
+    settings: ExecutionSettings = DEFAULT_SETTINGS,
+) -> Float[Array, "atoms 3"]:
+    """Output of the direct-force head (`Linear_Force_Head`), for checkpoints that have one.
+
+    **Arguments:** `model`, `graph`, `roll`, `settings` as for [`uma_eqx.energy_forces_stress`][].
+
+    **Returns:**
+
+    `(atoms, 3)` forces in eV/Å (non-conservative).
+    """
     if model.force_head is None:
         raise ValueError("this model has no direct-force head (config.direct_forces is False)")
-    return model.force_head(model.backbone(graph, roll))
+    with _precision(settings):
+        return model.force_head(model.backbone(graph, roll, settings=settings))
 
 
 @eqx.filter_jit
-def hessian(model: UMA, graph: AtomicGraph, roll: Float[Array, ""] | float = 0.0) -> Float[Array, "n3 n3"]:
+def hessian(
+    model: UMA,
+    graph: AtomicGraph,
+    roll: Float[Array, ""] | float = 0.0,
+    *,
+    settings: ExecutionSettings = DEFAULT_SETTINGS,
+) -> Float[Array, "n3 n3"]:
     """Hessian `d^2 E / dr dr` of the total energy, shape `(3 atoms, 3 atoms)`.
 
     This is the physical Hessian. (fairchem's `compute_hessian` additionally adds the energy
     normaliser's mean to every entry, a quirk of its untrained-task normalisers.)
+
+    **Arguments:** `model`, `graph`, `roll`, `settings` as for [`uma_eqx.energy_forces_stress`][].
+
+    **Returns:**
+
+    The `(3 atoms, 3 atoms)` Hessian in eV/Å² (padding atoms included, with zero rows).
     """
 
     def total(flat):
         g = eqx.tree_at(lambda g: g.positions, graph, flat.reshape(-1, 3))
-        return jnp.sum(model(g, roll))
+        return jnp.sum(model(g, roll, settings=settings))
 
     return jax.hessian(total)(graph.positions.reshape(-1))
 

@@ -2,7 +2,9 @@
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
 
 import ase
 import numpy as np
@@ -10,6 +12,7 @@ import numpy as np
 from ._config import UMAConfig
 from ._graph import AtomicGraph, bucket_size, pad_graph
 from ._potential import UMA, energy_forces_stress
+from ._settings import DEFAULT_SETTINGS, ExecutionSettings
 
 
 @dataclasses.dataclass
@@ -38,6 +41,7 @@ def _structures(structures: "str | os.PathLike | ase.Atoms | Iterable") -> Itera
 
 
 def _task_of(config: UMAConfig, atoms: ase.Atoms, task_name, k: int) -> str:
+    """Structure `k`'s task: its entry of `task_name`, else `atoms.info["task"]`, else the model's only task."""
     if task_name is not None and not isinstance(task_name, str):
         if k >= len(task_name):
             raise ValueError(f"task_name has {len(task_name)} entries but there are more structures.")
@@ -48,35 +52,48 @@ def _task_of(config: UMAConfig, atoms: ase.Atoms, task_name, k: int) -> str:
         raise ValueError(f"structure #{k}: {e}") from None
 
 
+def _relabel(message: str, k: int) -> str:
+    """An error about a one-structure batch ("structure #0 ...") as one about structure `k`."""
+    return re.sub(r"^[Ss]tructure #0\b", f"structure #{k}", message)
+
+
 def predict(
     model: UMA,
     structures: "str | os.PathLike | ase.Atoms | Iterable",
     *,
-    task_name: str | Sequence[str] | None = None,
+    task_name: str | Sequence[str | None] | None = None,
     batch_size: int = 16,
     stress: bool = True,
     progress: bool = True,
+    on_error: Literal["raise", "skip"] = "raise",
+    settings: ExecutionSettings | None = None,
 ) -> list[dict[str, np.ndarray | float | str]]:
     """Energy, forces and stress of many structures, batched and padded.
 
     Structures (mixed sizes, periodic or not, mixed tasks, charge and spin from
     `atoms.info` as in fairchem's calculator) are grouped `batch_size` at a time into one
-    [`uma_eqx.AtomicGraph`][] each. Batches are padded to grow-only bucketed capacities
-    (atoms and edges rounded up by [`uma_eqx.bucket_size`][], at most 25% padding; the
-    system count fixed at `batch_size + 1`), so a stream of any length compiles only when a
-    batch is larger than every earlier one, a handful of times in all. Experts are mixed per
-    system (no merging), so results equal the one-by-one calculator's up to round-off.
+    [`uma_eqx.AtomicGraph`][] each ([`uma_eqx.AtomicGraph.for_model`][]). Batches are padded
+    to grow-only bucketed capacities (atoms and edges rounded up by [`uma_eqx.bucket_size`][],
+    at most 25% padding; the system count fixed at `batch_size + 1`), so a stream of any
+    length compiles only when a batch is larger than every earlier one, a handful of times in
+    all. Experts are mixed per system (no merging), so results equal the one-by-one
+    calculator's up to round-off.
 
     **Arguments:**
 
     - `model`: the model.
     - `structures`: a list/iterable of `ase.Atoms`, one `ase.Atoms`, or a path to any file
         ASE reads (all frames are streamed).
-    - `task_name`: one task for all, one per structure, or `None` to take each structure's
-        `atoms.info["task"]` (or the model's only task).
+    - `task_name`: one task for all, one per structure (`None` entries: that structure's
+        default), or `None` to take each structure's `atoms.info["task"]` (or the model's
+        only task).
     - `batch_size`: structures per batch.
     - `stress`: also compute the stress.
     - `progress`: show a tqdm progress bar.
+    - `on_error`: `"raise"` (default): the first bad structure raises. `"skip"`: a bad
+        structure gets the row `{"error": message, "natoms": n, "task": task or None}` (no
+        energy) in its place and the others run.
+    - `settings`: how to execute (see [`uma_eqx.ExecutionSettings`][]).
 
     **Returns:**
 
@@ -86,61 +103,86 @@ def predict(
 
     **Raises:**
 
-    `ValueError` naming the structure for unknown tasks, elements outside the model,
-    unsupported single atoms, and anything [`uma_eqx.AtomicGraph.from_atoms`][] refuses.
+    With `on_error="raise"`, `ValueError` naming the structure (its place in the stream) for
+    unknown tasks, elements outside the model, unsupported single atoms, and anything
+    [`uma_eqx.AtomicGraph.from_atoms`][] refuses.
     """
     from tqdm import tqdm
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+    settings = DEFAULT_SETTINGS if settings is None else settings
     cfg = model.config
     capacity = _Capacity()
-    results: list[dict] = []
-    batch: list[ase.Atoms] = []
-    tasks: list[str] = []
+    results: dict[int, dict] = {}
+    batch: list[tuple[int, ase.Atoms, str]] = []
     bar = tqdm(desc="predict", unit="structure", disable=not progress)
 
+    def fail(k: int, atoms, task, message: str) -> None:
+        if on_error == "raise":
+            raise ValueError(message)
+        natoms = len(atoms) if isinstance(atoms, ase.Atoms) else 0
+        results[k] = {"error": message, "natoms": natoms, "task": task}
+        bar.update(1)
+
+    def build(entries):
+        return AtomicGraph.for_model(model, [a for _, a, _ in entries], [t for _, _, t in entries])
+
     def flush():
-        first = len(results)
+        entries = list(batch)
+        batch.clear()
         try:
-            graph = AtomicGraph.from_atoms(
-                batch, cutoff=cfg.cutoff, datasets=cfg.datasets, task_name=tasks,
-                max_neighbors=cfg.max_neighbors, dtype=model.dtype,
-            )
-        except ValueError as e:
-            raise ValueError(f"in the batch of structures #{first}..#{first + len(batch) - 1}: {e}") from None
+            graph = build(entries)
+        except ValueError:
+            # find the bad structures one by one, name them by their place in the stream
+            good = []
+            for entry in entries:
+                try:
+                    build([entry])
+                except ValueError as e:
+                    fail(entry[0], entry[1], entry[2], _relabel(str(e), entry[0]))
+                else:
+                    good.append(entry)
+            if not good:
+                return
+            entries, graph = good, build(good)
         atoms_cap, edges_cap = capacity.fit(graph)
         graph = pad_graph(graph, atoms_cap, edges_cap, batch_size + 1)
-        out = energy_forces_stress(model, graph, stress=stress)
+        out = energy_forces_stress(model, graph, stress=stress, settings=settings)
         energy = np.asarray(out["energy"], dtype=np.float64)
         forces = np.asarray(out["forces"], dtype=np.float64)
         sigma = np.asarray(out["stress"], dtype=np.float64) if stress else None
         start = 0
-        for k, (atoms, task) in enumerate(zip(batch, tasks)):
+        for s, (k, atoms, task) in enumerate(entries):
             n = len(atoms)
-            row = {"energy": float(energy[k]), "forces": forces[start : start + n], "task": task, "natoms": n}
+            row = {"energy": float(energy[s]), "forces": forces[start : start + n], "task": task, "natoms": n}
             if stress:
-                row["stress"] = sigma[k]
-            results.append(row)
+                row["stress"] = sigma[s]
+            results[k] = row
             start += n
-        bar.update(len(batch))
-        batch.clear()
-        tasks.clear()
+        bar.update(len(entries))
 
+    count = 0
     try:
         for k, atoms in enumerate(_structures(structures)):
-            if not isinstance(atoms, ase.Atoms):
-                raise ValueError(f"structure #{k} is a {type(atoms).__name__}, not an ase.Atoms.")
-            task = _task_of(cfg, atoms, task_name, k)
-            cfg.check_atoms(atoms, f"structure #{k}")
-            batch.append(atoms)
-            tasks.append(task)
+            count = k + 1
+            task = None
+            try:
+                if not isinstance(atoms, ase.Atoms):
+                    raise ValueError(f"structure #{k} is a {type(atoms).__name__}, not an ase.Atoms.")
+                task = _task_of(cfg, atoms, task_name, k)
+            except ValueError as e:
+                fail(k, atoms, task, str(e))
+                continue
+            batch.append((k, atoms, task))
             if len(batch) == batch_size:
                 flush()
         if batch:
             flush()
     finally:
         bar.close()
-    if task_name is not None and not isinstance(task_name, str) and len(task_name) != len(results):
-        raise ValueError(f"task_name has {len(task_name)} entries for {len(results)} structures.")
-    return results
+    if task_name is not None and not isinstance(task_name, str) and len(task_name) != count:
+        raise ValueError(f"task_name has {len(task_name)} entries for {count} structures.")
+    return [results[k] for k in range(count)]

@@ -1,5 +1,8 @@
 """ASE calculator: a drop-in for fairchem's `FAIRChemCalculator`."""
 
+import threading
+import warnings
+
 import equinox as eqx
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
@@ -7,14 +10,22 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from ._graph import AtomicGraph
 from ._potential import UMA, energy_forces_stress, merge_experts_for
+from ._settings import DEFAULT_SETTINGS, ExecutionSettings
+
+#: `atoms.info` keys that change the result (read by `AtomicGraph.from_atoms`): a change
+#: to any of them invalidates the calculator's cached results, as fairchem's calculator adds
+#: `"info"` to the system changes when `atoms.info` changed.
+RESULT_INFO_KEYS = ("charge", "spin")
+#: The task whose defaults fairchem warns about (`UMATask.OMOL.value`); its default spin is 1.
+_OMOL_TASK = "omol"
 
 
 @eqx.filter_jit
-def _efs_merging_per_call(model: UMA, graph: AtomicGraph) -> dict:
+def _efs_merging_per_call(model: UMA, graph: AtomicGraph, settings: ExecutionSettings) -> dict:
     # The calculator's graph holds one real system (system 0; the others are padding): merge
     # its experts inside the call, as fairchem's MOLE does for a single system when
     # `merge_mole` is off. One matmul per layer and chunk, like a merged model; nothing is cached.
-    return energy_forces_stress(merge_experts_for(model, graph), graph)
+    return energy_forces_stress(merge_experts_for(model, graph), graph, settings=settings)
 
 
 class UMACalculator(Calculator):
@@ -22,12 +33,17 @@ class UMACalculator(Calculator):
 
     Mirrors `fairchem.core.calculate.ase_calculator.FAIRChemCalculator`: `task_name` is required
     when the model has several tasks; `charge` and `spin` are read from `atoms.info` (defaults
-    0, and spin 1 for `omol`, 0 otherwise); positions are wrapped along periodic axes; the
+    0, and spin 1 for `omol`, 0 otherwise; for `omol` a missing charge or spin gives one
+    warning per calculator, as fairchem warns); positions are wrapped along periodic axes; the
     graph uses the model's cutoff and fairchem's neighbour cap; stress (ASE Voigt order, eV/Å³)
     is reported for every system, as fairchem does (for a non-periodic system the "volume" is
     fairchem's identity cell, 1 Å³).
 
-    With `merge_experts=True` (default) the MoLE experts are merged for the current
+    Results are cached as ASE does, and also invalidated when `atoms.info["charge"]` or
+    `["spin"]` change (ASE's own check ignores `info`). One calculator may be shared by
+    threads: calls are serialised by a lock (the model itself is stateless).
+
+    With `settings.merge_experts` (default) the MoLE experts are merged for the current
     composition, charge, spin and task (fairchem's `merge_mole`), and re-merged automatically
     when any of them changes. Graphs are padded to bucketed sizes so that MD and relaxations
     compile only a handful of times.
@@ -36,14 +52,25 @@ class UMACalculator(Calculator):
 
     - `model`: the model.
     - `task_name`: one of `model.config.task_names` (optional when there is only one).
-    - `merge_experts`: merge MoLE experts per composition and keep the merged model until it
-      changes (faster; same energies up to round-off). `False`: merge inside every call
-      (fairchem's `merge_mole=False`), nothing cached.
+    - `settings`: how to execute (see [`uma_eqx.ExecutionSettings`][]); default
+      `ExecutionSettings()`.
+    - `merge_experts`: shorthand overriding `settings.merge_experts`: merge MoLE experts per
+      composition and keep the merged model until it changes (faster; same energies up to
+      round-off). `False`: merge inside every call (fairchem's `merge_mole=False`), nothing cached.
+    - `**kwargs`: passed to `ase.calculators.calculator.Calculator`.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model: UMA, task_name: str | None = None, *, merge_experts: bool = True, **kwargs):
+    def __init__(
+        self,
+        model: UMA,
+        task_name: str | None = None,
+        *,
+        settings: ExecutionSettings | None = None,
+        merge_experts: bool | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         tasks = model.config.task_names
         if task_name is None:
@@ -51,48 +78,105 @@ class UMACalculator(Calculator):
                 raise ValueError(f"task_name is required for a model with several tasks; choose one of {list(tasks)}")
             task_name = tasks[0]
         model.config.dataset_index(task_name)  # raises with the list of tasks
+        settings = DEFAULT_SETTINGS if settings is None else settings
+        if merge_experts is not None:
+            settings = settings.replace(merge_experts=merge_experts)
         self.model = model
         self.task_name = task_name
-        self.merge = merge_experts and model.backbone.router is not None
-        self._merged_key = None
-        self._merged_model = None
+        self.settings = settings
+        self._lock = threading.RLock()
+        self._merged: tuple[tuple, UMA] | None = None
+        self._warned_defaults = False
 
-    def _check_atoms(self, atoms) -> None:
-        self.model.config.check_atoms(atoms, "atoms")
+    @property
+    def merges_experts(self) -> bool:
+        """Whether this calculator merges MoLE experts per composition (and caches them)."""
+        return self.settings.merge_experts and self.model.backbone.router is not None
+
+    def model_for(self, atoms) -> UMA:
+        """The model this calculator evaluates for `atoms`: merged for its composition, charge,
+        spin and task when [`merges_experts`][uma_eqx.calculator.UMACalculator.merges_experts],
+        else `self.model`.
+
+        **Arguments:**
+
+        - `atoms`: an `ase.Atoms`.
+
+        **Returns:**
+
+        The model (cached: the same object while composition, charge, spin and task stay).
+        """
+        with self._lock:
+            return self._model_for(self._graph(atoms), atoms)
+
+    def _graph(self, atoms) -> AtomicGraph:
+        return AtomicGraph.for_model(self.model, atoms, self.task_name, pad=True)
 
     def _model_for(self, graph: AtomicGraph, atoms) -> UMA:
-        if not self.merge:
+        if not self.merges_experts:
             return self.model
         z = atoms.get_atomic_numbers()
         counts = np.bincount(z, minlength=self.model.config.max_num_elements)
         reduced = tuple(np.round(counts / counts.sum(), 12))
         key = (reduced, int(graph.charge[0]), int(graph.spin[0]), self.task_name)
-        if key != self._merged_key:
-            self._merged_model = merge_experts_for(self.model, graph)
-            self._merged_key = key
-        return self._merged_model
+        if self._merged is None or self._merged[0] != key:
+            self._merged = (key, merge_experts_for(self.model, graph))
+        return self._merged[1]
+
+    def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's changes since the last calculation, plus `"info"` when a result-changing
+        `atoms.info` key (`RESULT_INFO_KEYS`) changed."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and "info" not in changes:
+            old, new = self.atoms.info, atoms.info
+            if any(_differs(old.get(key), new.get(key)) for key in RESULT_INFO_KEYS):
+                changes.append("info")
+        return changes
+
+    def get_property(self, name, atoms=None, allow_calculation: bool = True):
+        """ASE's `get_property`, serialised by the calculator's lock (safe to share by threads)."""
+        with self._lock:
+            return super().get_property(name, atoms, allow_calculation)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        atoms = self.atoms
-        self._check_atoms(atoms)
-        cfg = self.model.config
-        graph = AtomicGraph.from_atoms(
-            atoms,
-            cutoff=cfg.cutoff,
-            datasets=cfg.datasets,
-            task_name=self.task_name,
-            max_neighbors=cfg.max_neighbors,
-            dtype=self.model.dtype,
-            pad=True,
-        )
-        if self.merge or self.model.backbone.router is None:
-            out = energy_forces_stress(self._model_for(graph, atoms), graph)
-        else:
-            out = _efs_merging_per_call(self.model, graph)
-        n = len(atoms)
-        energy = float(out["energy"][0])
-        self.results["energy"] = energy
-        self.results["free_energy"] = energy
-        self.results["forces"] = np.asarray(out["forces"][:n], dtype=np.float64)
-        self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out["stress"][0], dtype=np.float64))
+        """Compute energy, forces and stress of `atoms` (ASE's calculator protocol)."""
+        with self._lock:
+            super().calculate(atoms, properties, system_changes)
+            atoms = self.atoms
+            graph = self._graph(atoms)
+            self._warn_omol_defaults(atoms)
+            if self.merges_experts or self.model.backbone.router is None:
+                out = energy_forces_stress(self._model_for(graph, atoms), graph, settings=self.settings)
+            else:
+                out = _efs_merging_per_call(self.model, graph, self.settings)
+            n = len(atoms)
+            energy = float(out["energy"][0])
+            self.results["energy"] = energy
+            self.results["free_energy"] = energy
+            self.results["forces"] = np.asarray(out["forces"][:n], dtype=np.float64)
+            self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out["stress"][0], dtype=np.float64))
+
+    def _warn_omol_defaults(self, atoms) -> None:
+        if self.task_name != _OMOL_TASK or self._warned_defaults:
+            return
+        missing = [key for key in ("charge", "spin") if key not in atoms.info]
+        if missing:
+            self._warned_defaults = True
+            warnings.warn(
+                f"task 'omol' without atoms.info[{missing[0]!r}]"
+                + (f" and [{missing[1]!r}]" if len(missing) > 1 else "")
+                + ": using the defaults charge=0, spin=1 (as fairchem); set atoms.info['charge'] and "
+                "atoms.info['spin'] (multiplicity) for charged or open-shell molecules",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _differs(a, b) -> bool:
+    """Whether two `atoms.info` values differ (arrays compared element-wise)."""
+    if a is None or b is None:
+        return (a is None) != (b is None)
+    try:
+        return not bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except (TypeError, ValueError):
+        return a != b

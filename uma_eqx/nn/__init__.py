@@ -7,7 +7,7 @@ from ._embedding import (
     LinearChargeSpinEmbedding as LinearChargeSpinEmbedding,
     TableChargeSpinEmbedding as TableChargeSpinEmbedding,
 )
-from ._linear import Linear as Linear, MoLELinear as MoLELinear, MoLERouting as MoLERouting
+from ._linear import Linear as Linear, MoLELinear as MoLELinear, MoLERouting as MoLERouting, map_mole as map_mole
 from ._radial import (
     EdgeScalars as EdgeScalars,
     FactoredRadialMLP as FactoredRadialMLP,

@@ -33,6 +33,14 @@ class Linear(eqx.Module):
     bias: Float[Array, " out"] | None
 
     def __init__(self, in_features: int, out_features: int, use_bias: bool = True, dtype=None, *, key):
+        """**Arguments:**
+
+        - `in_features`, `out_features`: input and output widths.
+        - `use_bias`: whether to add a bias.
+        - `dtype`: float dtype of the parameters (default float32).
+        - `key`: PRNG key for torch's default initialisation, `U(-1/sqrt(in), 1/sqrt(in))`
+          (checkpoints overwrite it).
+        """
         dtype = jnp.float32 if dtype is None else dtype
         wkey, bkey = jax.random.split(key)
         bound = in_features**-0.5
@@ -40,6 +48,17 @@ class Linear(eqx.Module):
         self.bias = jax.random.uniform(bkey, (out_features,), dtype, -bound, bound) if use_bias else None
 
     def __call__(self, x: Float[Array, "*rows in"], routing: MoLERouting | None = None) -> Float[Array, "*rows out"]:
+        """**Arguments:**
+
+        - `x`: `(*rows, in)` inputs.
+        - `routing`: not used: a plain linear has one weight for every system. Accepted so
+          that `Linear` and [`uma_eqx.nn.MoLELinear`][] are interchangeable where a layer may
+          be either (e.g. a merged model's SO(2) convolutions, or plain and per-dataset heads).
+
+        **Returns:**
+
+        `(*rows, out)`.
+        """
         y = x @ self.weight.T
         return y if self.bias is None else y + self.bias
 
@@ -61,6 +80,14 @@ class MoLELinear(eqx.Module):
     def __init__(
         self, num_experts: int, in_features: int, out_features: int, use_bias: bool = True, dtype=None, *, key
     ):
+        """**Arguments:**
+
+        - `num_experts`: number of expert weights.
+        - `in_features`, `out_features`: input and output widths.
+        - `use_bias`: whether to add the (shared) bias.
+        - `dtype`: float dtype of the parameters (default float32).
+        - `key`: PRNG key for the initialisation (checkpoints overwrite it).
+        """
         dtype = jnp.float32 if dtype is None else dtype
         wkey, bkey = jax.random.split(key)
         bound = in_features**-0.5
@@ -68,6 +95,16 @@ class MoLELinear(eqx.Module):
         self.bias = jax.random.uniform(bkey, (out_features,), dtype, -bound, bound) if use_bias else None
 
     def __call__(self, x: Float[Array, "rows in"], routing: MoLERouting | None = None) -> Float[Array, "rows out"]:
+        """**Arguments:**
+
+        - `x`: `(rows, in)` inputs, grouped contiguously by system.
+        - `routing`: the systems' expert coefficients and row counts (required; `None`
+          raises, naming the fix).
+
+        **Returns:**
+
+        `(rows, out)`.
+        """
         if routing is None:
             raise ValueError(
                 "MoLELinear needs expert coefficients: call the backbone (which computes them) "

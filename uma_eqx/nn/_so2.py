@@ -24,9 +24,10 @@ class SO2Convolution(eqx.Module):
     `rad(x_edge)` first (`x_edge`: the concatenated edge features, or [`uma_eqx.nn.EdgeScalars`][]
     once `rad` is factored).
 
-    `gauss_form` is `False` for the checkpoint layout of the `fc_m` weights and `True` for the
-    copy made by [`uma_eqx.nn.SO2Convolution.with_gauss_weights`][], which the model builds once
-    per call.
+    The `m > 0` products run in fairchem's four-product form, or, given the weights of
+    [`uma_eqx.nn.SO2Convolution.gauss_fc_m`][] (which the model prepares once per call when
+    `ExecutionSettings.gauss_form`), in Gauss's three-product form: same result, 3/4 of the
+    matmul FLOPs.
     """
 
     fc_m0: Linear | MoLELinear
@@ -37,7 +38,6 @@ class SO2Convolution(eqx.Module):
     in_channels: int = eqx.field(static=True)
     out_channels: int = eqx.field(static=True)
     extra_m0_channels: int = eqx.field(static=True)
-    gauss_form: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -69,21 +69,20 @@ class SO2Convolution(eqx.Module):
         self.lmax, self.mmax = lmax, mmax
         self.in_channels, self.out_channels = in_channels, out_channels
         self.extra_m0_channels = extra_m0_channels
-        self.gauss_form = False
 
-    def with_gauss_weights(self) -> "SO2Convolution":
-        """The same convolution with each `fc_m` weight `[W1; W2]` stored as `[W1 + W2; W1; W2]`.
+    def gauss_fc_m(self) -> tuple[Linear | MoLELinear, ...]:
+        """The `fc_m` linears with each weight `[W1; W2]` stored as `[W1 + W2; W1; W2]`.
 
-        These are the three weights of `_complex_product`; preparing them once (per call, outside
-        the edge loop, after merging experts) saves a pass over the weights per chunk. Expert
-        merging and slicing are linear, so they commute with this.
+        These are the three weights of `_complex_product`; preparing them once (per call,
+        outside the edge loop, after merging experts) saves a pass over the weights per chunk.
+        Expert merging and slicing are linear, so they commute with this.
+
+        **Returns:**
+
+        One linear per `m = 1..mmax`, for the `gauss_fc_m` argument of
+        [`uma_eqx.nn.SO2Convolution.apply_blocks`][].
         """
-        if self.gauss_form:
-            return self
-        fc_m = tuple(_with_weight(layer, _gauss_weights) for layer in self.fc_m)
-        prepared = eqx.tree_at(lambda c: c.fc_m, self, fc_m)
-        object.__setattr__(prepared, "gauss_form", True)  # a new instance (tree_at copies)
-        return prepared
+        return tuple(_with_weight(layer, _gauss_weights) for layer in self.fc_m)
 
     def split_blocks(self, x: Float[Array, "edges m_coeffs channels"]) -> list[Float[Array, "edges _ channels"]]:
         """m-major rows as blocks: `m = 0`, then `+m` and `-m` for `m = 1..mmax`.
@@ -98,25 +97,43 @@ class SO2Convolution(eqx.Module):
         blocks: list[Float[Array, "edges _ {self.in_channels}"]],
         x_edge: Float[Array, "edges edge_features"] | EdgeScalars | None = None,
         routing: MoLERouting | None = None,
+        gauss_fc_m: tuple[Linear | MoLELinear, ...] | None = None,
     ) -> tuple[list[Float[Array, "edges _ {self.out_channels}"]], Float[Array, "edges {self.extra_m0_channels}"]]:
         """The convolution on [`uma_eqx.nn.SO2Convolution.split_blocks`][] blocks.
 
-        Returns the output blocks and the gating scalars (the `m = 0` extra outputs).
+        **Arguments:**
+
+        - `blocks`: the m-major blocks of the edge features, `(edges, rows_of_block, in_channels)`.
+        - `x_edge`: the radial MLP's input (needed when the convolution has one, `rad`;
+          ignored otherwise).
+        - `routing`: MoLE expert coefficients (needed when the linears are `MoLELinear`;
+          plain linears ignore it).
+        - `gauss_fc_m`: `self.gauss_fc_m()` (possibly merged or sliced like `self`) to use
+          Gauss's three-product form; `None`: fairchem's four-product form.
+
+        **Returns:**
+
+        The output blocks `(edges, rows_of_block, out_channels)` and the gating scalars
+        `(edges, extra_m0_channels)` (the `m = 0` extra outputs).
         """
-        if not self.gauss_form:
-            return self.with_gauss_weights().apply_blocks(blocks, x_edge, routing)
         num_edges = blocks[0].shape[0]
         sizes = coefficient_layout(self.lmax, self.mmax).m_sizes
         c_in, c_out = self.in_channels, self.out_channels
         flat = [b.reshape(num_edges, -1) for b in blocks]
         if self.rad is not None:
+            if x_edge is None:
+                raise ValueError("this SO2Convolution has a radial MLP: pass x_edge")
             widths = [n * c_in for n in sizes]
             radial = jnp.split(self.rad(x_edge), np.cumsum(widths)[:-1], axis=1)
             flat = [flat[0] * radial[0]] + [b * radial[1 + k // 2] for k, b in enumerate(flat[1:])]
         gating, y0 = jnp.split(self.fc_m0(flat[0], routing), [self.extra_m0_channels], axis=1)
         out = [y0.reshape(num_edges, -1, c_out)]
         for m in range(1, self.mmax + 1):
-            plus, minus = _complex_product(self.fc_m[m - 1], flat[2 * m - 1], flat[2 * m], routing)
+            x_plus, x_minus = flat[2 * m - 1], flat[2 * m]
+            if gauss_fc_m is None:
+                plus, minus = _four_product(self.fc_m[m - 1], x_plus, x_minus, routing)
+            else:
+                plus, minus = _complex_product(gauss_fc_m[m - 1], x_plus, x_minus, routing)
             out += [plus.reshape(num_edges, -1, c_out), minus.reshape(num_edges, -1, c_out)]
         return out, gating
 
@@ -125,8 +142,21 @@ class SO2Convolution(eqx.Module):
         x: Float[Array, "edges m_coeffs {self.in_channels}"],
         x_edge: Float[Array, "edges edge_features"] | EdgeScalars | None = None,
         routing: MoLERouting | None = None,
+        gauss_fc_m: tuple[Linear | MoLELinear, ...] | None = None,
     ) -> tuple[Float[Array, "edges m_coeffs {self.out_channels}"], Float[Array, "edges {self.extra_m0_channels}"]]:
-        out, gating = self.apply_blocks(self.split_blocks(x), x_edge, routing)
+        """The convolution on m-major edge features.
+
+        **Arguments:**
+
+        - `x`: `(edges, m_coeffs, in_channels)` features in the edge frame, m-major rows.
+        - `x_edge`, `routing`, `gauss_fc_m`: as in [`uma_eqx.nn.SO2Convolution.apply_blocks`][].
+
+        **Returns:**
+
+        `(edges, m_coeffs, out_channels)` features and the `(edges, extra_m0_channels)`
+        gating scalars.
+        """
+        out, gating = self.apply_blocks(self.split_blocks(x), x_edge, routing, gauss_fc_m)
         return jnp.concatenate(out, axis=1), gating
 
 
@@ -145,6 +175,19 @@ def _gauss_weights(w: Float[Array, "*experts out in"]) -> Float[Array, "*experts
     """`[W1; W2]` (two row blocks) to `[W1 + W2; W1; W2]` (see `_complex_product`)."""
     w_1, w_2 = jnp.split(w, 2, axis=-2)
     return jnp.concatenate([w_1 + w_2, w_1, w_2], axis=-2)
+
+
+def _four_product(
+    layer: Linear | MoLELinear,
+    x_plus: Float[Array, "edges in"],
+    x_minus: Float[Array, "edges in"],
+    routing: MoLERouting | None,
+) -> tuple[Float[Array, "edges half"], Float[Array, "edges half"]]:
+    """`SO2_m_Conv`'s product as fairchem computes it: `(a, b) = W x+`, `(c, d) = W x-`,
+    outputs `(a - d, c + b)` for a bias-free linear `W = [W1; W2]` (four real products)."""
+    a, b = jnp.split(layer(x_plus, routing), 2, axis=-1)
+    c, d = jnp.split(layer(x_minus, routing), 2, axis=-1)
+    return a - d, c + b
 
 
 def _complex_product(

@@ -9,6 +9,7 @@ from ._rotation import (
 )
 from ._wigner import (
     real_spherical_harmonics as real_spherical_harmonics,
-    rotate as rotate,
     wigner_d_from_matrix as wigner_d_from_matrix,
 )
+from ._rotate import Rotation as Rotation, rotate as rotate
+from ._grid import s2_grid_matrices as s2_grid_matrices

@@ -84,6 +84,10 @@ def _sh_coefficients(l: int) -> tuple[np.ndarray, np.ndarray]:
 def real_spherical_harmonics(l: int, vec: Float[Array, "*batch 3"]) -> Float[Array, "*batch {2*l+1}"]:
     """Orthonormal real spherical harmonics of degree `l` (e3nn order `m = -l..l`).
 
+    Port of `e3nn.o3.spherical_harmonics(l, vec, normalize=False, normalization="integral")`
+    as fairchem uses it (polar axis +y): `int_S2 Y_lm Y_lm' = delta_mm'`, written as fixed
+    monomials in `(x, y, z)` (see the module docstring).
+
     **Arguments:**
 
     - `l`: the degree.
@@ -121,8 +125,19 @@ def _sample_points(l: int) -> tuple[np.ndarray, np.ndarray]:
 def wigner_d_from_matrix(rot: Float[Array, "3 3"], lmax: int) -> Float[Array, "{(lmax+1)**2} {(lmax+1)**2}"]:
     """Block-diagonal Wigner-D matrix of `rot` for degrees `0..lmax` (e3nn basis, l-major).
 
-    Satisfies `Y(rot @ v) = D @ Y(v)` for the stacked harmonics `Y` of
-    [`real_spherical_harmonics`][]; `D^0 = 1`, `D^1 = rot`.
+    Port of fairchem's Wigner-D of the edge frame (`common/rotation.py`,
+    `common/quaternion/wigner_d_hybrid.py`), built from its defining property: satisfies
+    `Y(rot @ v) = D @ Y(v)` for the stacked harmonics `Y` of [`real_spherical_harmonics`][];
+    `D^0 = 1`, `D^1 = rot`, and `D^l = Y_l(R P) Y_l(P)^+` on fixed sample points `P` for `l >= 2`.
+
+    **Arguments:**
+
+    - `rot`: `(3, 3)` rotation matrix.
+    - `lmax`: maximum degree.
+
+    **Returns:**
+
+    `(coeffs, coeffs)` block-diagonal matrix, `coeffs = (lmax+1)**2`, in `rot`'s dtype.
     """
     dtype = rot.dtype
     size = (lmax + 1) ** 2
@@ -137,40 +152,3 @@ def wigner_d_from_matrix(rot: Float[Array, "3 3"], lmax: int) -> Float[Array, "{
         block = y_rot.T @ jnp.asarray(pinv.T, dtype)  # [2l+1, 2l+1]
         out = out.at[l * l : (l + 1) ** 2, l * l : (l + 1) ** 2].set(block)
     return out
-
-
-@jax.custom_jvp
-def rotate(
-    matrix: Float[Array, "edges rows cols"],
-    matrix_t: Float[Array, "edges cols rows"],
-    x: Float[Array, "edges cols channels"],
-) -> Float[Array, "edges rows channels"]:
-    """Apply one small matrix per edge: `einsum("erk,ekc->erc", matrix, x)`.
-
-    `matrix_t` must be `swapaxes(matrix, 1, 2)`, made once outside the edge loop: it is not
-    part of the math (its tangent is ignored) but lets the backward pass of `x` be the same
-    `einsum` form as the forward one. Written with `matrix` contracted on its first axis
-    instead, XLA's CPU backend runs that product with its generic batched-dot emitter, 3-4x
-    slower than the `(rows, cols) x (cols, channels)` form it hands to YNNPACK. The derivative
-    is the ordinary bilinear one (forward- and reverse-mode, any order).
-
-    **Arguments:**
-
-    - `matrix`: `(edges, rows, cols)`, e.g. Wigner-D rows of the edge frame.
-    - `matrix_t`: the same matrices transposed.
-    - `x`: `(edges, cols, channels)` features.
-
-    **Returns:**
-
-    `(edges, rows, channels)`.
-    """
-    return jnp.einsum("erk,ekc->erc", matrix, x)
-
-
-@rotate.defjvp
-def _rotate_jvp(primals, tangents):
-    matrix, matrix_t, x = primals
-    matrix_dot, _, x_dot = tangents
-    # `x_dot` through `matrix_t`: transposing this linear map gives `matrix_t @ cotangent`.
-    tangent = jnp.einsum("ekr,ekc->erc", matrix_t, x_dot) + jnp.einsum("erk,ekc->erc", matrix_dot, x)
-    return rotate(matrix, matrix_t, x), tangent
