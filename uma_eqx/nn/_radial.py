@@ -17,6 +17,16 @@ def torch_linspace(start: float, stop: float, num: int, dtype=np.float32) -> np.
     run), so the Gaussian offsets are float32-rounded in float32 runs. torch computes the lower
     half as `start + step*i` and the upper half as `stop - step*(num-1-i)`, each with a single
     (fused) rounding; this is reproduced bit for bit in float32 (float64: to round-off).
+
+    **Arguments:**
+
+    - `start`, `stop`: the end points (both included).
+    - `num`: number of points.
+    - `dtype`: numpy float dtype to compute and return in.
+
+    **Returns:**
+
+    A `(num,)` numpy array.
     """
     ft = np.dtype(dtype).type
     step = ft(ft(stop - start) / ft(num - 1)) if num > 1 else ft(0)
@@ -28,16 +38,37 @@ def torch_linspace(start: float, stop: float, num: int, dtype=np.float32) -> np.
 
 
 class GaussianBasis(eqx.Module):
-    """`exp(coeff (d - mu_k)^2)` on `num_basis` offsets in `[0, cutoff]`, no prefactor.
+    """Gaussians of the edge length on evenly spaced offsets, no prefactor.
 
     Port of `fairchem.core.models.uma.nn.radial.GaussianSmearing` with `basis_width_scalar=2.0`:
-    `coeff = -0.5 / (2.0 * delta)^2`, `delta` the (float32) offset spacing.
+    `phi_k(d) = exp(coeff (d - mu_k)^2)` for `mu_k = torch.linspace(0, cutoff, num_basis)[k]`,
+    `coeff = -0.5 / (2.0 delta)^2`, `delta = mu_1 - mu_0` (offsets rounded in the input's dtype,
+    as fairchem builds them in the run's dtype). No parameters.
     """
 
     cutoff: float = eqx.field(static=True)
     num_basis: int = eqx.field(static=True)
 
+    def __init__(self, cutoff: float, num_basis: int):
+        """**Arguments:**
+
+        - `cutoff`: the last offset, in Angstrom (the model's cutoff radius).
+        - `num_basis`: number of Gaussians (`basis`), at least 2.
+        """
+        if num_basis < 2:
+            raise ValueError(f"GaussianBasis: num_basis={num_basis}; need at least 2 offsets to set the width")
+        self.cutoff = cutoff
+        self.num_basis = num_basis
+
     def __call__(self, distance: Float[Array, ""]) -> Float[Array, " {self.num_basis}"]:
+        """**Arguments:**
+
+        - `distance`: one edge length (scalar; `jax.vmap` over edges).
+
+        **Returns:**
+
+        `(basis,)` values `phi_k(distance)`.
+        """
         offsets = torch_linspace(0.0, self.cutoff, self.num_basis, distance.dtype)
         delta = float(offsets[1] - offsets[0])
         coeff = -0.5 / (GAUSSIAN_BASIS_WIDTH * delta) ** 2
@@ -46,7 +77,20 @@ class GaussianBasis(eqx.Module):
 
 
 def polynomial_envelope(scaled_distance: Float[Array, "*b"]) -> Float[Array, "*b"]:
-    """`1 + x^p (a + x (b + c x))` for `x < 1`, else 0 (`nn/radial.py:PolynomialEnvelope`, p=5)."""
+    """Smooth cutoff: `1 + x^p (a + x (b + c x))` for `x < 1`, else 0.
+
+    Port of `fairchem.core.models.uma.nn.radial.PolynomialEnvelope` with `p = 5`:
+    `a = -(p+1)(p+2)/2`, `b = p(p+2)`, `c = -p(p+1)/2` (value, slope and curvature vanish at
+    `x = 1`). NaN-safe: `x >= 1` is replaced before the power.
+
+    **Arguments:**
+
+    - `scaled_distance`: edge lengths divided by the cutoff, any shape.
+
+    **Returns:**
+
+    The envelope, same shape.
+    """
     p = float(ENVELOPE_EXPONENT)
     a, b, c = -(p + 1) * (p + 2) / 2, p * (p + 2), -p * (p + 1) / 2
     x = scaled_distance
@@ -56,33 +100,61 @@ def polynomial_envelope(scaled_distance: Float[Array, "*b"]) -> Float[Array, "*b
 
 
 class LayerNorm(eqx.Module):
-    """`torch.nn.LayerNorm(channels)` over the last axis (eps 1e-5, affine)."""
+    """Layer normalisation over the last axis, with affine weight and bias.
+
+    Port of `torch.nn.LayerNorm(channels)` (eps `1e-5`) as used in
+    `fairchem.core.models.uma.nn.radial.RadialMLP`:
+    `y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias`, biased variance.
+    """
 
     weight: Float[Array, " channels"]
     bias: Float[Array, " channels"]
 
     def __init__(self, channels: int, dtype=None):
+        """**Arguments:**
+
+        - `channels`: width of the last axis.
+        - `dtype`: float dtype of the parameters (default float32); weight 1, bias 0, as torch.
+        """
         dtype = jnp.float32 if dtype is None else dtype
         self.weight = jnp.ones(channels, dtype)
         self.bias = jnp.zeros(channels, dtype)
 
     def __call__(self, x: Float[Array, "*rows channels"]) -> Float[Array, "*rows channels"]:
+        """**Arguments:**
+
+        - `x`: `(*rows, channels)` features.
+
+        **Returns:**
+
+        `(*rows, channels)`, each row normalised.
+        """
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
         return (x - mean) * jax.lax.rsqrt(var + NORM_EPS) * self.weight + self.bias
 
 
 class RadialMLP(eqx.Module):
-    """Linear -> LayerNorm -> SiLU -> ... -> Linear.
+    """MLP of the edge scalars: `Linear -> LayerNorm -> SiLU -> ... -> Linear`.
 
     Port of `fairchem.core.models.uma.nn.radial.RadialMLP` (torch keys `net.0, net.1, net.3,
-    net.4, net.6` for three linears).
+    net.4, net.6` for three linears): `h_1 = W_1 x + b_1`,
+    `h_{k+1} = W_{k+1} silu(LayerNorm_k(h_k)) + b_{k+1}`, output `h_n`.
     """
 
     linears: tuple[Linear, ...]
     norms: tuple[LayerNorm, ...]
 
     def __init__(self, channels: list[int], dtype=None, *, key):
+        """**Arguments:**
+
+        - `channels`: layer widths `[in, hidden..., out]`, at least two entries (`n` entries give
+          `n - 1` linears and `n - 2` layer norms).
+        - `dtype`: float dtype of the parameters (default float32).
+        - `key`: PRNG key for the linears' initialisation (checkpoints overwrite it).
+        """
+        if len(channels) < 2:
+            raise ValueError(f"RadialMLP: channels={list(channels)} needs at least [in, out]")
         keys = jax.random.split(key, len(channels) - 1)
         self.linears = tuple(
             Linear(channels[i], channels[i + 1], dtype=dtype, key=keys[i]) for i in range(len(channels) - 1)
@@ -90,10 +162,27 @@ class RadialMLP(eqx.Module):
         self.norms = tuple(LayerNorm(c, dtype) for c in channels[1:-1])
 
     def __call__(self, x: Float[Array, "*rows in"]) -> Float[Array, "*rows out"]:
+        """**Arguments:**
+
+        - `x`: `(*rows, in)` inputs, e.g. the dense edge scalars (`rows = edges`).
+
+        **Returns:**
+
+        `(*rows, out)`.
+        """
         return self.after_first_linear(self.linears[0](x))
 
     def after_first_linear(self, h: Float[Array, "*rows hidden"]) -> Float[Array, "*rows out"]:
-        """The MLP from the first linear's output on (the rest of `__call__`)."""
+        """The MLP from the first linear's output on (the rest of `__call__`).
+
+        **Arguments:**
+
+        - `h`: `(*rows, hidden)` output of the first linear (bias included).
+
+        **Returns:**
+
+        `(*rows, out)`.
+        """
         for lin, norm in zip(self.linears[1:], self.norms):
             h = lin(jax.nn.silu(norm(h)))
         return h
@@ -129,6 +218,9 @@ class RadialMLP(eqx.Module):
 class EdgeScalars(eqx.Module):
     """The radial MLPs' edge input `[basis, source_embedding[z_s], target_embedding[z_t]]`, factored.
 
+    Port of `x_edge` in `fairchem.core.models.uma.escn_md.eSCNMDBackbone.forward`, kept as its
+    parts (the dense concatenation is `dense`).
+
     Only `basis` depends on positions; the rest depends on the two elements. A radial MLP's first
     linear maps the element parts through `(elements, hidden)` tables built once per call (see
     [`uma_eqx.nn.RadialMLP.factored`][]) and gathers a row per edge: the same sum as the linear on
@@ -147,13 +239,26 @@ class EdgeScalars(eqx.Module):
     def dense(
         self, source_embedding: Float[Array, "elements channels"], target_embedding: Float[Array, "elements channels"]
     ) -> Float[Array, "*edges features"]:
-        """The concatenated features (fairchem's `x_edge`)."""
+        """The concatenated features (fairchem's `x_edge`).
+
+        **Arguments:**
+
+        - `source_embedding`, `target_embedding`: `(elements, channels)` per-element embeddings.
+
+        **Returns:**
+
+        `(*edges, num_basis + 2 channels)`: `[basis, source_embedding[z_s], target_embedding[z_t]]`.
+        """
         parts = [self.basis, source_embedding[self.source_element], target_embedding[self.target_element]]
         return jnp.concatenate(parts, axis=-1)
 
 
 class FactoredRadialMLP(eqx.Module):
     """A [`uma_eqx.nn.RadialMLP`][] taking [`uma_eqx.nn.EdgeScalars`][]; built by `RadialMLP.factored`.
+
+    Same function as `mlp(x.dense(source_embedding, target_embedding))`, with the first linear
+    split by input columns: `h_1 = W_b basis + b + S[z_s] + T[z_t]`, where
+    `S = source_embedding W_s^T`, `T = target_embedding W_t^T`.
 
     **Attributes:**
 
@@ -169,6 +274,14 @@ class FactoredRadialMLP(eqx.Module):
     target_table: Float[Array, "elements hidden"]
 
     def __call__(self, x: EdgeScalars) -> Float[Array, "*edges out"]:
+        """**Arguments:**
+
+        - `x`: the [`uma_eqx.nn.EdgeScalars`][] of the edges (basis width must match).
+
+        **Returns:**
+
+        `(*edges, out)`.
+        """
         num_basis = self.basis_linear.weight.shape[-1]
         if x.basis.shape[-1] != num_basis:
             raise ValueError(

@@ -13,9 +13,10 @@ from ..so3 import coefficient_layout
 
 
 class SO3Linear(eqx.Module):
-    """Degree-wise linear map: `y_l = W_l x_l`, bias on `l = 0` only.
+    """Degree-wise linear map of node features, bias on `l = 0` only.
 
-    Port of `fairchem.core.models.uma.nn.so3_layers.SO3_Linear`.
+    Port of `fairchem.core.models.uma.nn.so3_layers.SO3_Linear`: `y_{lm} = W_l x_{lm}` for every
+    order `m` of degree `l`, plus `b` on `y_{00}` (a bias on `l > 0` would break equivariance).
     """
 
     weight: Float[Array, "lmax_plus_1 out in"]
@@ -23,6 +24,14 @@ class SO3Linear(eqx.Module):
     lmax: int = eqx.field(static=True)
 
     def __init__(self, in_features: int, out_features: int, lmax: int, dtype=None, *, key):
+        """**Arguments:**
+
+        - `in_features`, `out_features`: input and output channels.
+        - `lmax`: maximum degree; the layer holds one `(out, in)` weight per degree `0..lmax`.
+        - `dtype`: float dtype of the parameters (default float32).
+        - `key`: PRNG key for the weights, `U(-1/sqrt(in), 1/sqrt(in))` (bias 0, as fairchem;
+          checkpoints overwrite both).
+        """
         dtype = jnp.float32 if dtype is None else dtype
         bound = in_features**-0.5
         self.weight = jax.random.uniform(key, (lmax + 1, out_features, in_features), dtype, -bound, bound)
@@ -30,6 +39,14 @@ class SO3Linear(eqx.Module):
         self.lmax = lmax
 
     def __call__(self, x: Float[Array, "*rows coeffs in"]) -> Float[Array, "*rows coeffs out"]:
+        """**Arguments:**
+
+        - `x`: `(*rows, coeffs, in)` l-major features with `coeffs = (lmax+1)**2`.
+
+        **Returns:**
+
+        `(*rows, coeffs, out)`.
+        """
         w = self.weight[coefficient_layout(self.lmax, self.lmax).l_of_coeff]
         y = jnp.einsum("...mi,moi->...mo", x, w)
         return y.at[..., 0, :].add(self.bias)
@@ -43,18 +60,32 @@ def _balance_weights(l_of: np.ndarray, num_degrees: int, dtype) -> np.ndarray:
 
 
 class AbstractEquivariantNorm(eqx.Module):
-    """Normalisation of `[coeffs, channels]` features that commutes with rotations."""
+    """Normalisation of `[coeffs, channels]` features that commutes with rotations.
+
+    Port of the `norm_type` choices of `fairchem.core.models.uma.nn.layer_norm.get_normalization_layer`:
+    [`uma_eqx.nn.EquivariantRMSNorm`][] (`rms_norm_sh`), [`uma_eqx.nn.EquivariantLayerNorm`][]
+    (`layer_norm`) and [`uma_eqx.nn.EquivariantLayerNormSH`][] (`layer_norm_sh`), all built as
+    `(lmax, channels, dtype=None)`.
+    """
 
     @abc.abstractmethod
     def __call__(self, x: Float[Array, "*rows coeffs channels"]) -> Float[Array, "*rows coeffs channels"]:
-        ...
+        """**Arguments:**
+
+        - `x`: `(*rows, coeffs, channels)` l-major features, `coeffs = (lmax+1)**2`.
+
+        **Returns:**
+
+        `(*rows, coeffs, channels)`, normalised per row.
+        """
 
 
 class EquivariantRMSNorm(AbstractEquivariantNorm):
     """Degree-balanced RMS norm (`norm_type="rms_norm_sh"`).
 
-    Port of `nn/layer_norm.py:EquivariantRMSNormArraySphericalHarmonicsV2` (centering, component
-    normalisation, `std_balance_degrees`): subtract the channel mean of `l = 0`, then
+    Port of `fairchem.core.models.uma.nn.layer_norm.EquivariantRMSNormArraySphericalHarmonicsV2`
+    (centering, component normalisation, `std_balance_degrees`): subtract the channel mean of
+    `l = 0`, then
     `n = mean_c sum_i w_i x_ic^2` with `w_i = 1 / ((2l+1)(lmax+1))`, and
     `y = x (n + eps)^-1/2 * affine_weight[l]`, plus `affine_bias` on `l = 0`.
     """
@@ -64,12 +95,26 @@ class EquivariantRMSNorm(AbstractEquivariantNorm):
     lmax: int = eqx.field(static=True)
 
     def __init__(self, lmax: int, channels: int, dtype=None):
+        """**Arguments:**
+
+        - `lmax`: maximum degree of the features.
+        - `channels`: number of channels.
+        - `dtype`: float dtype of the affine parameters (default float32; weights 1, biases 0).
+        """
         dtype = jnp.float32 if dtype is None else dtype
         self.affine_weight = jnp.ones((lmax + 1, channels), dtype)
         self.affine_bias = jnp.zeros(channels, dtype)
         self.lmax = lmax
 
     def __call__(self, x: Float[Array, "*rows coeffs channels"]) -> Float[Array, "*rows coeffs channels"]:
+        """**Arguments:**
+
+        - `x`: `(*rows, coeffs, channels)` l-major features, `coeffs = (lmax+1)**2`.
+
+        **Returns:**
+
+        `(*rows, coeffs, channels)`, normalised per row.
+        """
         l_of = coefficient_layout(self.lmax, self.lmax).l_of_coeff
         x0 = x[..., :1, :]
         x = jnp.concatenate([x0 - jnp.mean(x0, axis=-1, keepdims=True), x[..., 1:, :]], axis=-2)
@@ -83,8 +128,10 @@ class EquivariantRMSNorm(AbstractEquivariantNorm):
 class EquivariantLayerNorm(AbstractEquivariantNorm):
     """Per-degree layer norm (`norm_type="layer_norm"`).
 
-    Port of `nn/layer_norm.py:EquivariantLayerNormArray` (component normalisation): each degree
-    is normalised by its own mean square over m and channels; `l = 0` is centred first.
+    Port of `fairchem.core.models.uma.nn.layer_norm.EquivariantLayerNormArray` (component
+    normalisation): each degree is normalised by its own mean square over m and channels,
+    `y_l = x_l (mean_{m,c} x_{lmc}^2 + eps)^-1/2 * affine_weight[l]`; `l = 0` is centred over
+    channels first and gets `affine_bias`.
     """
 
     affine_weight: Float[Array, "lmax_plus_1 channels"]
@@ -92,12 +139,26 @@ class EquivariantLayerNorm(AbstractEquivariantNorm):
     lmax: int = eqx.field(static=True)
 
     def __init__(self, lmax: int, channels: int, dtype=None):
+        """**Arguments:**
+
+        - `lmax`: maximum degree of the features.
+        - `channels`: number of channels.
+        - `dtype`: float dtype of the affine parameters (default float32; weights 1, biases 0).
+        """
         dtype = jnp.float32 if dtype is None else dtype
         self.affine_weight = jnp.ones((lmax + 1, channels), dtype)
         self.affine_bias = jnp.zeros(channels, dtype)
         self.lmax = lmax
 
     def __call__(self, x: Float[Array, "*rows coeffs channels"]) -> Float[Array, "*rows coeffs channels"]:
+        """**Arguments:**
+
+        - `x`: `(*rows, coeffs, channels)` l-major features, `coeffs = (lmax+1)**2`.
+
+        **Returns:**
+
+        `(*rows, coeffs, channels)`, normalised per row.
+        """
         out = []
         for l in range(self.lmax + 1):
             f = x[..., l * l : (l + 1) ** 2, :]
@@ -114,8 +175,10 @@ class EquivariantLayerNorm(AbstractEquivariantNorm):
 class EquivariantLayerNormSH(AbstractEquivariantNorm):
     """LayerNorm on `l = 0`, one shared degree-balanced RMS over `l > 0` (`"layer_norm_sh"`).
 
-    Port of `nn/layer_norm.py:EquivariantLayerNormArraySphericalHarmonics`
-    (`std_balance_degrees=True`, component normalisation).
+    Port of `fairchem.core.models.uma.nn.layer_norm.EquivariantLayerNormArraySphericalHarmonics`
+    (`std_balance_degrees=True`, component normalisation): `y_0 = LayerNorm(x_0)` over channels,
+    and for `l >= 1`, `y_l = x_l (n + eps)^-1/2 * affine_weight[l-1]` with
+    `n = mean_c sum_{i: l_i >= 1} w_i x_ic^2`, `w_i = 1 / ((2 l_i + 1) lmax)`.
     """
 
     norm_l0_weight: Float[Array, " channels"]
@@ -124,6 +187,12 @@ class EquivariantLayerNormSH(AbstractEquivariantNorm):
     lmax: int = eqx.field(static=True)
 
     def __init__(self, lmax: int, channels: int, dtype=None):
+        """**Arguments:**
+
+        - `lmax`: maximum degree of the features.
+        - `channels`: number of channels.
+        - `dtype`: float dtype of the affine parameters (default float32; weights 1, biases 0).
+        """
         dtype = jnp.float32 if dtype is None else dtype
         self.norm_l0_weight = jnp.ones(channels, dtype)
         self.norm_l0_bias = jnp.zeros(channels, dtype)
@@ -131,6 +200,14 @@ class EquivariantLayerNormSH(AbstractEquivariantNorm):
         self.lmax = lmax
 
     def __call__(self, x: Float[Array, "*rows coeffs channels"]) -> Float[Array, "*rows coeffs channels"]:
+        """**Arguments:**
+
+        - `x`: `(*rows, coeffs, channels)` l-major features, `coeffs = (lmax+1)**2`.
+
+        **Returns:**
+
+        `(*rows, coeffs, channels)`, normalised per row.
+        """
         x0 = x[..., :1, :]
         mean = jnp.mean(x0, axis=-1, keepdims=True)
         var = jnp.mean((x0 - mean) ** 2, axis=-1, keepdims=True)
@@ -166,9 +243,22 @@ def gate_activation(
 ) -> Float[Array, "*rows coeffs channels"]:
     """SiLU on the first (`l = 0`) row, `sigmoid(gate[l-1])` times every row of degree `l >= 1`.
 
-    Port of `nn/activation.py:GateActivation`; `l_of_row` gives the degree of each row (l-major
-    for node features, m-major in the edge frame, which is fairchem's `m_prime=True`). A block
-    of rows without `l = 0` (e.g. one `m != 0` block of the edge frame) is gated throughout.
+    Port of `fairchem.core.models.uma.nn.activation.GateActivation`: `y_0 = silu(x_0)` and
+    `y_{lm} = sigmoid(gates[l-1]) x_{lm}` for `l >= 1`. `l_of_row` gives the degree of each row
+    (l-major for node features, m-major in the edge frame, which is fairchem's `m_prime=True`).
+    A block of rows without `l = 0` (e.g. one `m != 0` block of the edge frame) is gated
+    throughout.
+
+    **Arguments:**
+
+    - `gates`: `(*rows, lmax * channels)` gate pre-activations, degree-major (`gates[l-1]` is
+      the slice `(l-1) channels : l channels`).
+    - `x`: `(*rows, k, channels)` features whose `k` rows have degrees `l_of_row`.
+    - `l_of_row`: `(k,)` static numpy degrees of the rows of `x`.
+
+    **Returns:**
+
+    `(*rows, k, channels)`.
     """
     return gate_activation_blocks(gates, [x], (l_of_row,))[0]
 
@@ -178,7 +268,18 @@ def gate_activation_blocks(
     blocks: list[Float[Array, "*rows _ channels"]],
     l_of_rows: tuple[np.ndarray, ...],
 ) -> list[Float[Array, "*rows _ channels"]]:
-    """[`uma_eqx.nn.gate_activation`][] of each block of rows (degrees `l_of_rows[k]`), sigmoid taken once."""
+    """[`uma_eqx.nn.gate_activation`][] of each block of rows (degrees `l_of_rows[k]`), sigmoid taken once.
+
+    **Arguments:**
+
+    - `gates`: `(*rows, lmax * channels)` gate pre-activations, shared by the blocks.
+    - `blocks`: feature blocks, each `(*rows, k_b, channels)`.
+    - `l_of_rows`: per block, the `(k_b,)` static numpy degrees of its rows.
+
+    **Returns:**
+
+    The gated blocks, same shapes.
+    """
     channels = blocks[0].shape[-1]
     sig = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], gates.shape[-1] // channels, channels)
     return [_gate(sig, b, l) for b, l in zip(blocks, l_of_rows)]

@@ -31,10 +31,22 @@ def _quadrature_weights(b: int) -> np.ndarray:
 
 @functools.cache
 def s2_grid_matrices(lmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """`(to_grid, from_grid)`, each `[res_beta, res_alpha, (lmax+1)**2]`, float64.
+    """Projection matrices between l-major coefficients and the S2 grid (cached numpy).
 
+    Port of `fairchem.core.models.uma.common.so3.SO3_Grid(lmax, lmax)`'s `to_grid_mat` and
+    `from_grid_mat` (see the module docstring): `to[b, a, i] = Y_i(p_ba)`,
+    `from[b, a, i] = 4 pi w_b Y_i(p_ba)`. Use as
     `grid = einsum("bai,...ic->...bac", to_grid, x)` and
     `x = einsum("bai,...bac->...ic", from_grid, grid)`.
+
+    **Arguments:**
+
+    - `lmax`: maximum degree; the grid is `2(lmax+1)` betas by `2(lmax+1)+1` alphas.
+
+    **Returns:**
+
+    `(to_grid, from_grid)`, each a float64 numpy array `(res_beta, res_alpha, coeffs)` with
+    `coeffs = (lmax+1)**2`; cast to the run's dtype by the caller.
     """
     res_beta = 2 * (lmax + 1)
     res_alpha = 2 * (lmax + 1) + 1

@@ -19,7 +19,10 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class CoefficientLayout:
-    """Index tables for one `(lmax, mmax)` pair.
+    """Index tables for one `(lmax, mmax)` pair (plain numpy, built once per pair).
+
+    Port of `fairchem.core.models.uma.common.so3.CoefficientMapping`: `m_major_rows` is its
+    `to_m` permutation restricted to `|m| <= mmax`, `m_sizes` its `m_size`.
 
     **Attributes:**
 
@@ -39,10 +42,12 @@ class CoefficientLayout:
 
     @property
     def num_coeffs(self) -> int:
+        """`(lmax+1)**2`, the l-major coefficients (`coeffs`)."""
         return (self.lmax + 1) ** 2
 
     @property
     def num_m_coeffs(self) -> int:
+        """Rows kept in the edge frame (`m_coeffs`, those with `|m| <= mmax`)."""
         return len(self.m_major_rows)
 
     @property

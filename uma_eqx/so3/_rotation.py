@@ -14,7 +14,20 @@ from .._constants import QUATERNION_BLEND_START, QUATERNION_BLEND_WIDTH
 
 
 def safe_norm(x: Float[Array, "... d"], axis: int = -1) -> Float[Array, "..."]:
-    """Euclidean norm whose gradient is 0 (not NaN) at `x = 0` (double-`where`)."""
+    """Euclidean norm whose gradient is 0 (not NaN) at `x = 0` (double-`where`).
+
+    `|x| = sqrt(sum_d x_d^2)`; replaces the reference's `torch.linalg.norm`, whose gradient
+    at 0 is NaN.
+
+    **Arguments:**
+
+    - `x`: vectors, any leading shape.
+    - `axis`: the axis to reduce (default the last).
+
+    **Returns:**
+
+    The norms, `x`'s shape without `axis`.
+    """
     sq = jnp.sum(x * x, axis=axis)
     positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
@@ -42,6 +55,14 @@ def edge_to_y_quaternion(unit_vec: Float[Array, "3"]) -> Float[Array, "4"]:
     Chart 1 `normalize(1+ey, -ez, 0, ex)` (singular at -y) and chart 2
     `normalize(-ez, 1-ey, ex, 0)` (singular at +y) are blended by sign-aligned NLERP with
     weight `smooth_step((ey + 0.9) / 1.8)` on chart 1.
+
+    **Arguments:**
+
+    - `unit_vec`: `(3,)` unit edge direction.
+
+    **Returns:**
+
+    `(4,)` unit quaternion `(w, x, y, z)`.
     """
     ex, ey, ez = unit_vec[0], unit_vec[1], unit_vec[2]
     zero = jnp.zeros_like(ex)
@@ -53,7 +74,19 @@ def edge_to_y_quaternion(unit_vec: Float[Array, "3"]) -> Float[Array, "4"]:
 
 
 def quaternion_to_matrix(q: Float[Array, "4"]) -> Float[Array, "3 3"]:
-    """Rotation matrix of a unit quaternion `(w, x, y, z)` (Hamilton convention)."""
+    """Rotation matrix of a unit quaternion `(w, x, y, z)` (Hamilton convention).
+
+    Port of `common/quaternion/wigner_d_custom_kernels.quaternion_to_rotation_matrix`:
+    `R = I + 2 w [v]_x + 2 [v]_x^2` for `v = (x, y, z)`.
+
+    **Arguments:**
+
+    - `q`: `(4,)` unit quaternion.
+
+    **Returns:**
+
+    `(3, 3)` rotation matrix.
+    """
     w, x, y, z = q[0], q[1], q[2], q[3]
     return jnp.stack(
         [
@@ -69,6 +102,10 @@ def edge_rotation_matrix(
 ) -> Float[Array, "3 3"]:
     """Rotation `R` with `R @ edge_vec / |edge_vec| = +y`, followed by a roll about +y.
 
+    Port of the edge frame fairchem builds from `quaternion_utils.quaternion_edge_to_y_stable`
+    and its random roll `quaternion_y_rotation(gamma)`:
+    `R = R_y(roll) R_q(edge_to_y_quaternion(edge_vec / |edge_vec|))`.
+
     **Arguments:**
 
     - `edge_vec`: a non-zero edge vector.
@@ -77,7 +114,7 @@ def edge_rotation_matrix(
 
     **Returns:**
 
-    The `3 x 3` rotation matrix.
+    The `(3, 3)` rotation matrix.
     """
     unit = edge_vec / safe_norm(edge_vec)
     r_edge = quaternion_to_matrix(edge_to_y_quaternion(unit))
