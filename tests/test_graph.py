@@ -345,13 +345,54 @@ def test_charge_spin_defaults(task, info, expected):
             r"'charge'\] = 1.0 \(float\).*int in \[-100, 100\]",
         ),
         (lambda: ase.Atoms("H", info={"spin": "2"}), {}, r"'spin'\] = '2' \(str\)"),
+        (lambda: ase.Atoms("H", info={"charge": float("nan")}), {}, r"'charge'\] = nan \(float\)"),
+        (lambda: ase.Atoms("H", info={"spin": 1.5}), {}, r"'spin'\] = 1.5 \(float\)"),
         (lambda: molecule("H2O"), {"pad": "yes"}, r"pad.*'yes'"),
+        # atoms closer than MIN_ATOM_DISTANCE: coincident, nearly so, through a periodic image
+        (lambda: ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0]]), {}, r"atoms 0 and 1 are 0 Å apart.*0.1 Å"),
+        (lambda: ase.Atoms("H2", positions=[[0, 0, 0], [0.05, 0, 0]]), {}, r"atoms 0 and 1 are 0.05 Å apart"),
+        (
+            lambda: ase.Atoms("Cu2", positions=[[0, 0, 0], [3.59, 0, 0]], cell=[3.6, 3.6, 3.6], pbc=True),
+            {},
+            r"atoms 0 and 1 are 0.01 Å apart \(closest pair, counting periodic images\)",
+        ),
+        # a non-finite cell, periodic or not
+        (lambda: ase.Atoms("H", cell=[[np.inf, 0, 0], [0, 5, 0], [0, 0, 5]], pbc=True), {}, "non-finite cell"),
+        (lambda: ase.Atoms("H2", positions=[[0, 0, 0], [1, 0, 0]], cell=[np.nan, 5, 5]), {}, "non-finite cell"),
     ],
 )
 def test_from_atoms_errors(make, kwargs, match):
     kwargs = {"task_name": "omat", **kwargs}
     with pytest.raises(ValueError, match=match):
         AtomicGraph.from_atoms(make(), cutoff=CUTOFF, datasets=DATASETS, **kwargs)
+
+
+def test_min_distance_check_can_be_turned_off():
+    atoms = ase.Atoms("H2", positions=[[0, 0, 0], [0.05, 0, 0]])
+    graph = AtomicGraph.from_atoms(atoms, cutoff=CUTOFF, datasets=DATASETS, task_name="omat", min_distance=None)
+    assert graph.num_edges == 2
+    # H2 at its bond length passes the default check
+    AtomicGraph.from_atoms(molecule("H2"), cutoff=CUTOFF, datasets=DATASETS, task_name="omat")
+
+
+def test_stack_graphs_has_a_leading_axis():
+    from uma_eqx import stack_graphs
+
+    spec = PaddingSpec(num_atoms=16, num_edges=256, num_systems=3)
+    graphs = [
+        AtomicGraph.from_atoms(m, cutoff=CUTOFF, datasets=DATASETS, task_name="omat", pad=spec)
+        for m in (molecule("H2O"), molecule("CH4"))
+    ]
+    stacked = stack_graphs(graphs)
+    assert stacked.batch_shape == (2,) and stacked.num_atoms == 16 and stacked.num_edges == 256
+    np.testing.assert_array_equal(stacked.edge_index[1], graphs[1].edge_index)
+    lengths = jax.vmap(lambda g: jnp.linalg.norm(g.edge_vectors(far=7.0), axis=-1))(stacked)
+    np.testing.assert_allclose(lengths[0], jnp.linalg.norm(graphs[0].edge_vectors(far=7.0), axis=-1))
+    with pytest.raises(ValueError, match="leading axes"):
+        stacked.edge_vectors(far=7.0)
+    with pytest.raises(ValueError, match="pad them to common sizes"):
+        stack_graphs([graphs[0], AtomicGraph.from_atoms(molecule("H2O"), cutoff=CUTOFF, datasets=DATASETS,
+                                                        task_name="omat")])
 
 
 def test_bucket_size():

@@ -228,7 +228,8 @@ class AtomicGraph(eqx.Module):
 
         **Arguments:**
 
-        - `model`: a [`uma_eqx.UMA`][] (anything with its `config` and `dtype`).
+        - `model`: a [`uma_eqx.UMA`][] (anything with its `config` and `dtype`), or a
+          `UMAConfig` (then the graph's float dtype is `dtype`, default float32).
         - `atoms`: one `ase.Atoms` or a sequence of them (one system each).
         - `task_name`: the task of every structure, one per structure (`None` entries fall
           back as above), or `None`.
@@ -247,7 +248,12 @@ class AtomicGraph(eqx.Module):
         """
         import ase
 
-        config = model.config
+        from ._config import UMAConfig
+
+        if isinstance(model, UMAConfig):
+            config, model_dtype = model, jnp.float32
+        else:
+            config, model_dtype = model.config, model.dtype
         structures = [atoms] if isinstance(atoms, ase.Atoms) else list(atoms)
         if task_name is None or isinstance(task_name, str):
             given = [task_name] * len(structures)
@@ -273,7 +279,7 @@ class AtomicGraph(eqx.Module):
             datasets=config.datasets,
             task_name=tasks,
             max_neighbors=config.max_neighbors,
-            dtype=model.dtype if dtype is None else dtype,
+            dtype=model_dtype if dtype is None else dtype,
             pad=pad,
             min_distance=min_distance,
         )

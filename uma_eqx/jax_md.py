@@ -20,6 +20,7 @@ from jaxtyping import Array, Float, Int
 
 from ._graph import AtomicGraph
 from ._potential import UMA, merge_experts_for
+from ._settings import DEFAULT_SETTINGS, ExecutionSettings
 from .neighbors import NeighborList, NeighborListFns
 from .neighbors._jax import DEFAULT_CAPACITY_MULTIPLIER, DEFAULT_SKIN
 
@@ -80,7 +81,21 @@ class UMANeighborFn(eqx.Module):
     box: Float[Array, "3 3"]
     fractional_coordinates: bool = eqx.field(static=True)
 
-    def _cartesian(self, positions, box):
+    def cartesian(
+        self, positions: Float[Array, "atoms 3"], box: Float[Array, "3 3"] | None = None
+    ) -> tuple[Float[Array, "atoms 3"], Float[Array, "3 3"]]:
+        """Cartesian positions (Å) and the cell (lattice vectors as rows) of JAX-MD coordinates.
+
+        **Arguments:**
+
+        - `positions`: positions in this list's coordinates (fractional or Cartesian).
+        - `box`: JAX-MD box (lattice vectors as columns); `None` for the default box.
+
+        **Returns:**
+
+        `(cartesian_positions, cell)`; with fractional coordinates the map carries JAX-MD's
+        derivative rule (forces stay Cartesian).
+        """
         cell = _cell_from_box(self.box if box is None else box).astype(positions.dtype)
         return (_to_cartesian(positions, cell) if self.fractional_coordinates else positions), cell
 
@@ -90,12 +105,12 @@ class UMANeighborFn(eqx.Module):
         if not bool(jnp.all(jnp.isfinite(positions))):
             bad = int(np.argwhere(~np.isfinite(np.asarray(positions)))[0, 0])
             raise ValueError(f"position of atom {bad} is not finite; fix the structure before building neighbours.")
-        r, cell = self._cartesian(positions, box)
+        r, cell = self.cartesian(positions, box)
         return self.fns.allocate(r, cell, extra_capacity)
 
     def update(self, positions: Float[Array, "atoms 3"], neighbors: NeighborList, box=None) -> NeighborList:
         """Rebuild if needed (jit-able; see `NeighborListFns.update`)."""
-        r, cell = self._cartesian(positions, box)
+        r, cell = self.cartesian(positions, box)
         return self.fns.update(r, neighbors, cell)
 
 
@@ -108,6 +123,7 @@ def energy_and_neighbor_fns(
     skin: float = DEFAULT_SKIN,
     capacity_multiplier: float = DEFAULT_CAPACITY_MULTIPLIER,
     merge: bool = True,
+    settings: ExecutionSettings | None = None,
 ) -> tuple[Callable[..., Float[Array, ""]], UMANeighborFn]:
     """A JAX-MD energy function of `model` for the atoms of `atoms`, and its neighbour list.
 
@@ -130,7 +146,8 @@ def energy_and_neighbor_fns(
     - `skin`: Verlet skin in Å.
     - `capacity_multiplier`: neighbour-buffer head-room.
     - `merge`: merge MoLE experts for this fixed composition (faster, same energies up to
-        round-off).
+        round-off); `False` also when `settings.merge_experts` is `False`.
+    - `settings`: how to execute the model (see [`uma_eqx.ExecutionSettings`][]).
 
     **Returns:**
 
@@ -143,16 +160,12 @@ def energy_and_neighbor_fns(
     refuses (empty structure, NaN positions, degenerate cell, bad charge/spin).
     """
     cfg = model.config
-    cfg.dataset_index(task_name)  # raises with the list of tasks
-    cfg.check_atoms(atoms, "atoms")
-    template = AtomicGraph.from_atoms(
-        atoms, cutoff=cfg.cutoff, datasets=cfg.datasets, task_name=task_name,
-        max_neighbors=cfg.max_neighbors, dtype=model.dtype,
-    )
+    settings = DEFAULT_SETTINGS if settings is None else settings
+    template = AtomicGraph.for_model(model, atoms, task_name)
     pbc = tuple(bool(p) for p in atoms.pbc)
     if fractional_coordinates and not all(pbc):
         raise ValueError(f"fractional_coordinates=True needs a periodic system, got pbc={list(pbc)}.")
-    if merge and model.backbone.router is not None:
+    if merge and settings.merge_experts and model.backbone.router is not None:
         model = merge_experts_for(model, template)
     fns = NeighborListFns(
         cutoff=cfg.cutoff, pbc=pbc, skin=skin, capacity_multiplier=capacity_multiplier,
@@ -163,7 +176,7 @@ def energy_and_neighbor_fns(
     far = cfg.cutoff + 1.0  # fairchem's fake-edge distance (escn_md.py:add_n_empty_edges)
 
     def energy_fn(R, neighbor: NeighborList, box=None, perturbation=None, **unused) -> Float[Array, ""]:
-        positions, cell = neighbor_fn._cartesian(jnp.asarray(R), box)
+        positions, cell = neighbor_fn.cartesian(jnp.asarray(R), box)
         positions = fns.unwrap(positions, neighbor, cell)  # the images the list was built for
         graph = AtomicGraph(
             positions=positions,
@@ -189,7 +202,7 @@ def energy_and_neighbor_fns(
             eye = jnp.eye(3, dtype=positions.dtype)
             deform = deform * eye if deform.ndim == 0 else deform
             strain = (deform.T - eye)[None]
-        energy = model(graph, strain=strain)[0]
+        energy = model(graph, strain=strain, settings=settings)[0]
         energy = eqx.error_if(
             energy, over_cap,
             f"an atom has more than max_neighbors={cfg.max_neighbors} neighbours within the cutoff; "

@@ -104,10 +104,7 @@ def read_dataset(paths: "str | os.PathLike | Sequence[str | os.PathLike]", task:
 def check_records(records: Sequence[Record], config: UMAConfig) -> None:
     """Errors naming the record for elements or tasks the model does not have."""
     for r in records:
-        z = r.atoms.get_atomic_numbers()
-        bad = sorted({int(v) for v in z if not 1 <= v < config.max_num_elements})
-        if bad:
-            raise ValueError(f"{r.source}: atomic number(s) {bad} are outside the model's elements 1..{config.max_num_elements - 1}")
+        config.check_atoms(r.atoms, str(r.source))
         if r.task not in config.task_names:
             raise ValueError(f"{r.source}: task {r.task!r} is not one of the model's tasks {list(config.task_names)}")
 
@@ -156,8 +153,7 @@ def batch_capacity(records: Sequence[Record], config: UMAConfig, batch_size: int
 
 def make_batch(records: Sequence[Record], config: UMAConfig, padding: PaddingSpec, dtype) -> Batch:
     """Build one padded batch (graph + labels) from `records`."""
-    graph = AtomicGraph.from_atoms([r.atoms for r in records], cutoff=config.cutoff, datasets=config.datasets,
-                                   task_name=[r.task for r in records], max_neighbors=config.max_neighbors, dtype=dtype)
+    graph = AtomicGraph.for_model(config, [r.atoms for r in records], [r.task for r in records], dtype=dtype)
     graph = pad_graph(graph, *padding.sizes(graph))
     n_atoms, n_systems = graph.num_atoms, graph.num_systems
     energy = np.zeros(n_systems)
