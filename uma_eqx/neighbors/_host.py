@@ -3,7 +3,6 @@
 from collections.abc import Sequence
 
 import numpy as np
-import vesin
 from jaxtyping import Bool, Float, Int
 
 from .._constants import MAX_NEIGHBORS, MAX_NEIGHBORS_TOLERANCE
@@ -64,6 +63,10 @@ def radius_graph(
     target `i` (int64), and `shifts` the integer image offsets `S` (int64), such that
     the edge vector is `positions[j] - positions[i] + shifts @ cell`.
     """
+    # imported here: vesin imports torch when torch is installed (~1 s), which `import uma_eqx`
+    # need not pay
+    import vesin
+
     positions = np.asarray(positions, dtype=np.float64)
     cell = np.asarray(cell, dtype=np.float64)
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()

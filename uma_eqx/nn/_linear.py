@@ -161,6 +161,16 @@ class MoLELinear(eqx.Module):
 
 
 def map_mole(fn, tree):
-    """`tree` with every [`MoLELinear`][] `m` replaced by `fn(m)` (other leaves unchanged)."""
+    """`tree` with every [`MoLELinear`][uma_eqx.nn.MoLELinear] `m` replaced by `fn(m)`.
+
+    **Arguments:**
+
+    - `fn`: maps a `MoLELinear` to its replacement (e.g. `lambda m: m.merge(c)`).
+    - `tree`: any pytree of modules (a model, a block, a tuple of layers).
+
+    **Returns:**
+
+    The same tree with the replacements; everything else is unchanged.
+    """
     is_mole = lambda m: isinstance(m, MoLELinear)  # noqa: E731
     return jax.tree.map(lambda m: fn(m) if is_mole(m) else m, tree, is_leaf=is_mole)

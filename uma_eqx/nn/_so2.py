@@ -52,6 +52,17 @@ class SO2Convolution(eqx.Module):
         *,
         key,
     ):
+        """**Arguments:**
+
+        - `in_channels`, `out_channels`: channels per coefficient in and out.
+        - `lmax`, `mmax`: degrees and orders of the m-major edge features.
+        - `radial_channels`: widths of the radial MLP before its output layer (its output
+          width, the flattened input size of all `m`, is derived), or `None` for none.
+        - `extra_m0_channels`: extra `m = 0` outputs returned separately (gating scalars).
+        - `num_experts`: MoLE experts of the linears (0: plain `Linear`s).
+        - `dtype`: parameter dtype.
+        - `key`: PRNG key for the initialisation.
+        """
         keys = jax.random.split(key, mmax + 2)
 
         def linear(i, o, bias, k):
