@@ -12,38 +12,82 @@ EXAMPLES = DATA / "examples.extxyz"
 
 
 class _Fail(click.ClickException):
+    """A user error: one line on stderr, exit code 2 (click's own code for usage errors)."""
+
     exit_code = 2
+
+
+class _Internal(click.ClickException):
+    """An unexpected error (a bug, or the machine ran out of memory): one line, exit code 1."""
+
+    exit_code = 1
 
 
 #: Errors from the library that mean "bad input" and are reported as one line (exit 2).
 _USER_ERRORS = (ValueError, FileNotFoundError, ImportError, FloatingPointError, KeyError, OSError)
 
 
+def _first_line(e: BaseException) -> tuple[str, str]:
+    """`(first line of the message, " (...--debug...)" when more lines were cut)`."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    lines = text.strip().splitlines() or [type(e).__name__]
+    return lines[0], (" (run with --debug for the full message)" if len(lines) > 1 else "")
+
+
 class _Group(click.Group):
-    """Reports library errors as one line with exit code 2; `--debug` shows the traceback."""
+    """Reports every error as one line without a traceback: library errors about the input with
+    exit code 2, anything else with exit code 1; `--debug` shows the traceback."""
 
     def invoke(self, ctx):
+        def debug():  # set by `main` inside super().invoke
+            return "--debug" in sys.argv or (ctx.obj or {}).get("debug")
+
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except _USER_ERRORS as e:
-            if "--debug" in sys.argv or (ctx.obj or {}).get("debug"):
+            if debug():
                 raise
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            more = " (run with --debug for the full message)" if len(lines) > 1 else ""
-            raise _Fail(f"{lines[0]}{more}") from e
+            line, more = _first_line(e)
+            raise _Fail(f"{line}{more}") from e
+        except Exception as e:  # the last resort: never a raw traceback
+            if debug():
+                raise
+            line, _ = _first_line(e)
+            raise _Internal(
+                f"internal error: {type(e).__name__}: {line} (run `uma-eqx --debug ...` for the traceback, "
+                "and please report it)"
+            ) from e
 
 
 def _load_model(path: str | None):
+    """The model at `path` (told by content: a `.eqx`, or a fairchem `.pt` converted on the fly),
+    or the built-in default model when `path` is None."""
     import uma_eqx
+    from uma_eqx._io import file_kind
 
     if path is None:
         click.echo("model: built-in default model (trained on EMT for Cu Ag Au Ni Pd Pt Al; pass --model for UMA)", err=True)
         return uma_eqx.default_model()
     if not os.path.exists(path):
         raise _Fail(f"model file not found: {path} (give a .eqx file, or a fairchem .pt to convert)")
-    if path.endswith(".pt"):
+    if os.path.isfile(path) and file_kind(path)[0] == "torch":
         return uma_eqx.load_fairchem_checkpoint(path)
-    return uma_eqx.load(path)
+    return uma_eqx.load(path)  # names what the file is if it is not a model
+
+
+def _check_output(path: str | None, suffixes: tuple[str, ...] | None, option: str = "--output") -> None:
+    """Refuse an output path before any work: unknown suffix, missing folder, or a folder."""
+    if path is None:
+        return
+    if suffixes is not None and not path.endswith(suffixes):
+        raise _Fail(f"unknown output format for {option} {path}: use {', '.join(suffixes)}")
+    if os.path.isdir(path):
+        raise _Fail(f"{option} {path} is a folder; give a file name")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise _Fail(f"cannot write {option} {path}: the folder {folder} does not exist; create it first")
 
 
 def _read_structures(paths):
@@ -54,9 +98,13 @@ def _read_structures(paths):
         if not os.path.exists(p):
             raise _Fail(f"structure file not found: {p}")
         try:
-            out += [(p, i, a) for i, a in enumerate(read(p, ":"))]
-        except Exception as e:
-            raise _Fail(f"cannot read structures from {p}: {e}") from e
+            frames = read(p, ":")
+        except Exception as e:  # ASE's readers raise anything; all mean "cannot read"
+            line, _ = _first_line(e)
+            raise _Fail(f"cannot read structures from {p}: {line}") from e
+        if not frames:
+            raise _Fail(f"{p} holds no structures")
+        out += [(p, i, a) for i, a in enumerate(frames)]
     return out
 
 
@@ -144,39 +192,73 @@ def predict(structures, model_path, task, charge, spin, batch_size, output):
       uma-eqx predict relaxed.cif --task omat --output results.json
     """
     import numpy as np
+    from ase.calculators.singlepoint import SinglePointCalculator
 
     import uma_eqx
 
+    _check_output(output, _PREDICT_OUTPUTS)
     model = _load_model(model_path)
+    if task is not None and task not in model.config.task_names:  # once, not once per structure
+        raise _Fail(f"unknown task_name {task!r}: this model's tasks are {list(model.config.task_names)} (--task)")
     items = _read_structures(list(structures) or [str(EXAMPLES)])
-    atoms_list, tasks, labels = [], [], []
-    for path, index, atoms in items:
-        where = f"{path}[{index}]"
+    atoms_list = []
+    for _, _, atoms in items:
         _set_charge_spin(atoms, charge, spin)
-        tasks.append(_task_for(model, task, atoms, where))
         atoms_list.append(atoms)
-        labels.append(atoms.info.get("name", f"{pathlib.Path(path).name}[{index}]"))
-    results = uma_eqx.predict(model, atoms_list, task_name=tasks, batch_size=batch_size, progress=len(items) > 2)
-    rows, frames = [], []
-    for label, atoms, r in zip(labels, atoms_list, results):
+    # A bad structure (unknown task, element outside the model, NaN or overlapping positions, bad
+    # charge/spin) becomes an error row in its place; the others still run.
+    results = uma_eqx.predict(model, atoms_list, task_name=task, batch_size=batch_size, progress=len(items) > 2,
+                              on_error="skip")
+    rows, frames, failed = [], [], []
+    for k, ((path, index, atoms), r) in enumerate(zip(items, results, strict=True)):
+        label = str(atoms.info.get("name", f"{pathlib.Path(path).name}[{index}]"))
+        if "error" not in r and not (np.isfinite(r["energy"]) and np.all(np.isfinite(r["forces"]))):
+            r = {"error": "the model returned a non-finite energy or forces (NaN/inf)", "natoms": r["natoms"],
+                 "task": r["task"]}
+        if "error" in r:
+            message = _name_frame(r["error"], k, f"{path}[{index}]")
+            failed.append(message)
+            rows.append({"structure": label, "task": r["task"], "natoms": r["natoms"], "error": message})
+            continue
         s = r["stress"]
         voigt = [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]]
         rows.append({"structure": label, "task": r["task"], "natoms": r["natoms"], "energy_eV": r["energy"],
                      "energy_per_atom_eV": r["energy"] / r["natoms"],
                      "max_force_eV_A": float(np.linalg.norm(r["forces"], axis=1).max()),
                      "stress_eV_A3": [float(v) for v in voigt], "forces_eV_A": r["forces"].tolist()})
-        from ase.calculators.singlepoint import SinglePointCalculator
-
         atoms.calc = SinglePointCalculator(atoms, energy=r["energy"], forces=r["forces"], stress=np.asarray(voigt))
         frames.append(atoms)
-    click.echo(f"{'structure':24s} {'task':6s} {'atoms':>5s} {'E (eV)':>14s} {'E/atom':>10s} {'max|F| eV/Å':>12s}  stress (eV/Å³, Voigt)")
+    if len(failed) < len(rows):
+        click.echo(f"{'structure':24s} {'task':6s} {'atoms':>5s} {'E (eV)':>14s} {'E/atom':>10s} {'max|F| eV/Å':>12s}"
+                   "  stress (eV/Å³, Voigt)")
     for r in rows:
+        if "error" in r:
+            continue
         sv = " ".join(f"{v:+.4f}" for v in r["stress_eV_A3"])
         click.echo(f"{r['structure'][:24]:24s} {r['task']:6s} {r['natoms']:5d} {r['energy_eV']:14.6f} "
                    f"{r['energy_per_atom_eV']:10.5f} {r['max_force_eV_A']:12.5f}  {sv}")
     if output:
-        _write(output, rows, frames)
-        click.echo(f"wrote {output}")
+        note = _write(output, rows, frames)
+        click.echo(f"wrote {output}{note}")
+    for message in failed[:_MAX_ERROR_LINES]:
+        click.echo(f"Error: {message}", err=True)
+    if len(failed) > _MAX_ERROR_LINES:
+        click.echo(f"... and {len(failed) - _MAX_ERROR_LINES} more" + (f" (all in {output})" if output else ""), err=True)
+    if failed:
+        if len(items) > 1:
+            done = len(items) - len(failed)
+            click.echo(f"{len(failed)} of {len(items)} structures failed" +
+                       (f"; the results above are the other {done}" if done else ""), err=True)
+        click.get_current_context().exit(2)
+
+
+def _name_frame(message: str, k: int, where: str) -> str:
+    """`uma_eqx.predict`'s error rows name "structure #k" (its place in the whole input); the CLI
+    names the file and frame instead (`where`, e.g. `traj.extxyz[3]`)."""
+    import re
+
+    named, found = re.subn(rf"^structure #{k}(?!\d)", lambda _: where, message, flags=re.IGNORECASE)
+    return named if found else f"{where}: {message}"
 
 
 def _one_structure(path):
@@ -194,7 +276,7 @@ def _one_structure(path):
 @_SPIN_OPTION
 @click.option("--fmax", default=0.05, show_default=True, help="Force convergence threshold (eV/Å).")
 @click.option("--cell", is_flag=True, help="Also relax the cell (FrechetCellFilter; periodic systems).")
-@click.option("--steps", default=500, show_default=True, help="Maximum optimizer steps.")
+@click.option("--steps", default=500, show_default=True, type=click.IntRange(min=0), help="Maximum optimizer steps.")
 @click.option("--optimizer", type=click.Choice(["fire", "bfgs"]), default="fire", show_default=True)
 @click.option("--output", default=None, type=click.Path(),
               help="Trajectory file (.extxyz or .traj); default: STRUCTURE stem + _opt.extxyz.")
@@ -210,6 +292,8 @@ def optimize(structure, model_path, task, charge, spin, fmax, cell, steps, optim
 
     from uma_eqx.simulate import relax
 
+    out = output or f"{pathlib.Path(structure).stem}_opt.extxyz"
+    _check_output(out, _TRAJECTORY_OUTPUTS)
     model = _load_model(model_path)
     atoms = _one_structure(structure)
     _set_charge_spin(atoms, charge, spin)
@@ -221,7 +305,6 @@ def optimize(structure, model_path, task, charge, spin, fmax, cell, steps, optim
 
     relaxed, trajectory, converged = relax(model, atoms, task_name=name, fmax=fmax, steps=steps, cell=cell,
                                            optimizer=optimizer, callback=show)
-    out = output or f"{pathlib.Path(structure).stem}_opt.extxyz"
     write(out, trajectory)
     first, last = trajectory[0].info, trajectory[-1].info
     status = "converged" if converged else f"NOT converged in {steps} steps"
@@ -268,6 +351,7 @@ def md(structure, model_path, task, charge, spin, ensemble, temperature, pressur
 
     from uma_eqx.simulate import run_md
 
+    _check_output(output, _TRAJECTORY_OUTPUTS)
     model = _load_model(model_path)
     if structure is None:
         from ase.build import bulk
@@ -301,7 +385,10 @@ def md(structure, model_path, task, charge, spin, ensemble, temperature, pressur
     _plot_md(plot_path, result.log, ensemble)
     first, last = result.log[0], result.log[-1]
     drift = (last["etot"] - first["etot"]) / len(atoms)
-    click.echo(f"{steps} steps of {timestep} fs ({ensemble}, {engine}): {result.steps_per_second:.1f} steps/s; "
+    rate = result.steps_per_second
+    rate = (f"{rate:.3g} steps/s after compilation" if rate is not None
+            else f"rate: n/a (too few steps after compilation; {result.wall_time_s:.1f} s in all)")
+    click.echo(f"{steps} steps of {timestep} fs ({ensemble}, {engine}): {rate}; "
                f"T {first['temperature_K']:.0f} -> {last['temperature_K']:.0f} K, "
                f"E_tot change {drift * 1000:+.3f} meV/atom" + (" (conserved in nve only)" if ensemble != "nve" else ""))
     click.echo(f"wrote {out} ({len(result.frames)} frames), {log_path}, {plot_path}")
@@ -311,8 +398,7 @@ def _write_md_log(path, log):
     keys = ["step", "time_fs", "epot", "ekin", "etot", "temperature_K", "volume_A3"]
     with open(path, "w") as f:
         f.write("# " + " ".join(keys) + "  (energies eV, T in K, volume Å^3)\n")
-        for row in log:
-            f.write(" ".join(f"{row[k]:.8g}" for k in keys) + "\n")
+        f.writelines(" ".join(f"{row[k]:.8g}" for k in keys) + "\n" for row in log)
 
 
 def _plot_md(path, log, ensemble):
@@ -336,25 +422,35 @@ def _plot_md(path, log, ensemble):
     plt.close(fig)
 
 
-def _write(output, rows, frames):
+#: At most this many failed structures are listed one per line by `predict` (all are in --output).
+_MAX_ERROR_LINES = 20
+#: What `predict --output` writes, by suffix.
+_PREDICT_OUTPUTS = (".json", ".csv", ".extxyz", ".xyz")
+#: Trajectory files `md` and `optimize` write (ASE's extxyz and trajectory formats).
+_TRAJECTORY_OUTPUTS = (".extxyz", ".xyz", ".traj")
+
+
+def _write(output, rows, frames) -> str:
+    """Write `predict`'s rows (.json, .csv) or frames (.extxyz); says where failed structures went."""
+    failed = sum("error" in r for r in rows)
     if output.endswith(".json"):
         pathlib.Path(output).write_text(json.dumps(rows, indent=1))
-    elif output.endswith(".csv"):
+        return ' (failed structures: an entry with their "error")' if failed else ""
+    if output.endswith(".csv"):
         import csv
 
+        columns = ["structure", "task", "natoms", "energy_eV", "energy_per_atom_eV", "max_force_eV_A"]
         with open(output, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["structure", "task", "natoms", "energy_eV", "energy_per_atom_eV", "max_force_eV_A",
-                        "sxx", "syy", "szz", "syz", "sxz", "sxy"])
+            w.writerow(columns + ["sxx", "syy", "szz", "syz", "sxz", "sxy"] + (["error"] if failed else []))
             for r in rows:
-                w.writerow([r["structure"], r["task"], r["natoms"], r["energy_eV"], r["energy_per_atom_eV"],
-                            r["max_force_eV_A"], *r["stress_eV_A3"]])
-    elif output.endswith((".extxyz", ".xyz")):
-        from ase.io import write
+                stress = r.get("stress_eV_A3", [""] * 6)
+                w.writerow([r.get(c, "") for c in columns] + stress + ([r.get("error", "")] if failed else []))
+        return " (failed structures: a row with their error)" if failed else ""
+    from ase.io import write
 
-        write(output, frames, format="extxyz")
-    else:
-        raise _Fail(f"unknown output format for {output}: use .json, .csv or .extxyz")
+    write(output, frames, format="extxyz")
+    return f" ({failed} failed structures left out)" if failed else ""
 
 
 @main.command()
@@ -380,10 +476,8 @@ def convert(checkpoint, out, dtype, verify):
 
     if not os.path.exists(checkpoint):
         raise _Fail(f"checkpoint not found: {checkpoint}")
-    try:
-        model = uma_eqx.load_fairchem_checkpoint(checkpoint, getattr(jnp, dtype), verify=False)
-    except (ValueError, ImportError) as e:
-        raise _Fail(str(e)) from e
+    _check_output(out, None, option="OUT")
+    model = uma_eqx.load_fairchem_checkpoint(checkpoint, getattr(jnp, dtype), verify=False)
     _print_info(model)
     if verify:
         report = verify_weight_loading(model, load_pytorch_checkpoint(checkpoint))
@@ -424,11 +518,12 @@ def _print_info(model):
 def info(model_path):
     """Config, tasks, parameter counts and file format of MODEL (default: built-in model)."""
     import uma_eqx
+    from uma_eqx._io import file_kind
 
     model = _load_model(model_path)
     _print_info(model)
     path = str(uma_eqx._default.DEFAULT_MODEL) if model_path is None else model_path
-    if path.endswith(".eqx"):
+    if file_kind(path)[0] == "uma_eqx":
         header = uma_eqx.read_header(path)
         click.echo(f"file: {path} ({os.path.getsize(path) / 1e6:.2f} MB), format version {header['format_version']}")
 
@@ -475,15 +570,22 @@ def train(config, no_resume):
     Example:
       uma-eqx train data_gen/default_model.toml
     """
-    from uma_eqx.train import TrainConfig, train as run_training
+    import tomllib
+
+    from uma_eqx.train import TrainConfig
+    from uma_eqx.train import train as run_training
 
     if not os.path.exists(config):
         raise _Fail(f"training config not found: {config}")
     try:
         cfg = TrainConfig.from_toml(config)
-        model, result = run_training(cfg, resume=not no_resume)
-    except (ValueError, FileNotFoundError) as e:
-        raise _Fail(str(e)) from e
+    except UnicodeDecodeError:
+        from uma_eqx._io import file_kind
+
+        raise _Fail(f"training config {config} is {file_kind(config)[1]}, not a TOML text file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise _Fail(f"training config {config} is not valid TOML: {e}") from None
+    _, result = run_training(cfg, resume=not no_resume)
     last = result["history"][-1] if result["history"] else {}
     click.echo(json.dumps(last, indent=1))
     click.echo(f"wrote {cfg.out_dir}/model.eqx, metrics.csv, metrics.json, learning_curve.png")

@@ -16,7 +16,6 @@ from ase import units
 from ._potential import UMA
 from .calculator import UMACalculator
 
-
 #: Thermostat / barostat relaxation times in timesteps (ASE's documentation recommends
 #: `tdamp = 100 dt` for Nosé–Hoover chains and `pdamp = 1000 dt` for MTK barostats;
 #: `ase/md/nose_hoover_chain.py`). JAX-MD's own defaults are the same
@@ -33,15 +32,21 @@ class MDResult:
     """What [`uma_eqx.simulate.run_md`][] returns.
 
     - `frames`: snapshots (`ase.Atoms` with positions, momenta, cell, and `info` holding
-      `step`, `time_fs`, `energy`), every `interval` steps, the start included.
+      `step`, `time_fs`, `energy`), every `interval` steps, the start and the last step included.
     - `log`: one dict per recorded step: `step`, `time_fs`, `epot`, `ekin`, `etot` (eV),
       `temperature_K`, `volume_A3`.
-    - `steps_per_second`: measured after the first (compiling) chunk.
+    - `steps_per_second`: steps per second of wall time after compilation (from the first
+      recorded step that follows it to the last recorded step), or `None` when no recorded
+      steps follow it (a run shorter than one `interval` past the first compiled stretch):
+      never a NaN.
+    - `wall_time_s`: seconds from the start of the run to its last recorded step, compilation
+      included.
     """
 
     frames: list
     log: list
-    steps_per_second: float
+    steps_per_second: float | None
+    wall_time_s: float = 0.0
 
 
 def run_md(
@@ -72,7 +77,7 @@ def run_md(
     - `ensemble`: `nve`, `nvt` or `npt`.
     - `temperature_K`, `timestep_fs`, `steps`, `pressure_GPa`: the run.
     - `engine`: `jax-md` (needs the `md` extra) or `ase` (the [`UMACalculator`][]).
-    - `interval`: record a frame and a log row every `interval` steps.
+    - `interval`: record a frame and a log row every `interval` steps (and at the last step).
     - `seed`: velocity seed.
     - `callback`: `callback(steps_done, last_log_row)` after every recorded interval.
 
@@ -105,14 +110,24 @@ def run_md(
 
 
 class _Recorder:
-    """Frames, log rows and the steps/s clock shared by both engines."""
+    """Frames, log rows and the steps/s clock shared by both engines.
 
-    def __init__(self, atoms: ase.Atoms, timestep_fs: float, callback):
+    The clock starts at record number `warmup_records` (counting from 0, the start): the first
+    record taken after everything the run compiles has compiled (ASE: 0, since the calculator
+    compiles in the first force call, before the start is recorded; JAX-MD: 1, after the first
+    `lax.scan` chunk).
+    """
+
+    def __init__(self, atoms: ase.Atoms, timestep_fs: float, callback, warmup_records: int):
         self.atoms, self.timestep_fs, self.callback = atoms, timestep_fs, callback
+        self.warmup_records = warmup_records
         self.frames, self.log = [], []
-        self._t0 = self._s0 = None
+        self._start = time.perf_counter()
+        self._clock: tuple[float, int] | None = None  # (time, step) when the timed stretch starts
+        self._last: tuple[float, int] = (self._start, 0)
 
     def __call__(self, step: int, positions, momenta, cell, epot: float, ekin: float) -> None:
+        now = time.perf_counter()
         step, epot, ekin = int(step), float(epot), float(ekin)
         if not math.isfinite(epot + ekin):
             raise FloatingPointError(f"energy became NaN/inf by step {step}; reduce the timestep")
@@ -128,6 +143,9 @@ class _Recorder:
             "temperature_K": 2.0 * ekin / (3.0 * natoms * units.kB),
             "volume_A3": volume,
         }
+        if len(self.log) == self.warmup_records:
+            self._clock = (now, step)
+        self._last = (now, step)
         self.log.append(row)
         frame = self.atoms.copy()
         frame.set_cell(cell if self.atoms.pbc.any() else self.atoms.cell)
@@ -135,21 +153,25 @@ class _Recorder:
         frame.set_momenta(np.asarray(momenta, np.float64))
         frame.info.update(step=step, time_fs=time_fs, energy=epot)
         self.frames.append(frame)
-        if step > 0 and self._t0 is None:  # the clock starts after the first (compiling) stretch
-            self._t0, self._s0 = time.perf_counter(), step
         if self.callback is not None:
             self.callback(step, row)
 
+    @property
+    def last_step(self) -> int:
+        return self.log[-1]["step"] if self.log else -1
+
     def result(self) -> MDResult:
-        done = self.log[-1]["step"] - (self._s0 or 0)
-        elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
-        return MDResult(self.frames, self.log, done / elapsed if elapsed > 0 and done > 0 else float("nan"))
+        (t_end, s_end), rate = self._last, None
+        if self._clock is not None and s_end > self._clock[1] and t_end > self._clock[0]:
+            rate = (s_end - self._clock[1]) / (t_end - self._clock[0])
+        return MDResult(self.frames, self.log, rate, wall_time_s=t_end - self._start)
 
 
 def _run_ase(model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback):
     from ase.md.nose_hoover_chain import IsotropicMTKNPT, NoseHooverChainNVT
     from ase.md.verlet import VelocityVerlet
 
+    record = _Recorder(atoms, timestep_fs, callback, warmup_records=0)
     atoms.calc = UMACalculator(model, task_name=task_name)
     dt = timestep_fs * units.fs
     if ensemble == "nve":
@@ -159,13 +181,15 @@ def _run_ase(model, atoms, task_name, ensemble, temperature_K, timestep_fs, step
     else:
         dyn = IsotropicMTKNPT(atoms, dt, temperature_K, pressure_GPa * units.GPa,
                               tdamp=THERMOSTAT_STEPS * dt, pdamp=BAROSTAT_STEPS * dt, logfile=None)
-    record = _Recorder(atoms, timestep_fs, callback)
-    dyn.attach(
-        lambda: record(dyn.nsteps, atoms.positions, atoms.get_momenta(), np.asarray(atoms.cell),
-                       atoms.get_potential_energy(), atoms.get_kinetic_energy()),
-        interval=interval,
-    )  # fmt: skip
+
+    def snapshot():
+        record(dyn.nsteps, atoms.positions, atoms.get_momenta(), np.asarray(atoms.cell),
+               atoms.get_potential_energy(), atoms.get_kinetic_energy())  # fmt: skip
+
+    dyn.attach(snapshot, interval=interval)
     dyn.run(steps)
+    if record.last_step != dyn.nsteps:  # steps not a multiple of interval: record the last step too
+        snapshot()
     return record.result()
 
 
@@ -178,6 +202,7 @@ def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, s
         raise ImportError("engine 'jax-md' needs jax-md: pip install 'uma_eqx[md]' (or use engine 'ase')") from e
     from . import jax_md as ujmd
 
+    record = _Recorder(atoms, timestep_fs, callback, warmup_records=1)
     dtype = model.dtype
     npt = ensemble == "npt"
     energy_fn, neighbor_fn = ujmd.energy_and_neighbor_fns(model, atoms, task_name=task_name, fractional_coordinates=npt)
@@ -215,8 +240,6 @@ def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, s
     def observe(s, n):
         epot = energy_fn(s.position, neighbor=n, **({"box": box_fn(s)} if npt else {}))
         return jnp.stack([epot, quantity.kinetic_energy(momentum=s.momentum, mass=s.mass)])
-
-    record = _Recorder(atoms, timestep_fs, callback)
 
     def record_state(step, s, epot, ekin):
         positions, b = cartesian(s)
