@@ -2,7 +2,7 @@
 
     python benchmarks/compare_fairchem.py            # full run (tens of minutes on 2 cores)
     python benchmarks/compare_fairchem.py --quick    # 64 atoms, 2 repeats: checks the harness
-    python benchmarks/compare_fairchem.py --docs     # also writes docs/performance.md
+    python benchmarks/compare_fairchem.py --docs     # also copies plots and results.json to docs/assets (the page is hand-written)
 
 The driver (this process never imports jax or torch) prepares the weights once, then starts a
 fresh worker process (this file with `--worker ...`) for every (implementation, variant, size):
@@ -733,73 +733,16 @@ def report_markdown(results: dict, img_prefix: str | None) -> str:
     return "\n".join(lines)
 
 
-DOC_HEAD = """# Performance
-
-uma_eqx against fairchem-core {fc} on the **same weights** (a full-size uma-s-1p1 architecture:
-sphere/hidden/edge channels 128, lmax 2, mmax 2, 4 layers, 64 distance basis functions,
-32 experts; random weights written in fairchem's checkpoint format and converted with
-`uma_eqx.load_fairchem_checkpoint`), in the same run, on the CPU, float32.
-
-How it was measured (`benchmarks/compare_fairchem.py`; reproduce with the command at the end):
-
-- every (implementation, variant, size) runs in a **fresh process** pinned to the same number
-  of CPU threads (`sched_setaffinity`, `OMP/MKL_NUM_THREADS`, and `torch.set_num_threads` for
-  fairchem); its peak RSS is `ru_maxrss` of that process (model weights included);
-- structures are fcc Cu crystals (periodic, seeded rattle of 0.05 Å); in calculator
-  measurements the positions are **rattled again every call** (0.01 Å) so neighbour-list
-  building, padding and host/device transfers count;
-- "first call" is the first energy+forces call (tracing and compilation for uma_eqx, lazy
-  initialisation and the MoLE merge for both, and one run); for uma_eqx the table adds in
-  parentheses the part JAX reports as tracing, lowering and XLA compilation (its
-  `jax.monitoring` compile events; rows measured before this was recorded have none); then
-  one warm-up call; "best"/"median" are over the timed repeats;
-- **ASE calculator**: `uma_eqx.calculator.UMACalculator(model, task_name="omat", merge_experts=...)`
-  vs `FAIRChemCalculator(load_predict_unit(path, inference_settings=...), task_name="omat")` with
-  `InferenceSettings(merge_mole=..., compile=False, activation_checkpointing=False, tf32=False,
-  internal_graph_gen_version=2)`. Both calculators compute energy, forces **and stress** in every
-  call (fairchem always regresses the stress of this model);
-- **raw jit**: `eqx.filter_jit(uma_eqx.energy_forces_stress)` on a graph built once (no
-  neighbour list in the loop);
-- **batch**: 8 different 32-atom systems (mixed compositions, so experts are not merged):
-  one padded `AtomicGraph.from_atoms(list, pad=True)` for uma_eqx, and
-  `predict_unit.predict(atomicdata_list_to_batch([...]))` for fairchem (which rebuilds its
-  graph inside every call);
-- **memory** (one call at the large sizes, and the doubling search for the largest size under
-  the memory limit): fairchem runs with `activation_checkpointing=True`, its memory-lean
-  setting (without it, it needs about 25 GB at 2048 atoms); uma_eqx as always (its message
-  passing is chunked and checkpointed by default).
-
-"""
-
-
 def write_docs(results: dict, outdir: Path) -> Path:
-    docs = ROOT / "docs"
-    assets = docs / DOCS_ASSETS
+    """Copy the plots and `results.json` to the docs' assets (the short page `docs/performance.md`
+    is written by hand from them; the full report stays in `outdir/results.md`)."""
+    assets = ROOT / "docs" / DOCS_ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     for name in ("time_vs_atoms.png", "memory_vs_atoms.png"):
         if (outdir / name).exists():
             shutil.copyfile(outdir / name, assets / name)
-    (assets / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    fc = results["machine"]["versions"].get("fairchem-core") or "(not installed)"
-    body = report_markdown(results, DOCS_ASSETS)
-    text = DOC_HEAD.format(fc=fc)
-    if results["args"].get("quick"):
-        text += (
-            '!!! warning "Harness check, not a measurement"\n\n'
-            "    These numbers come from a `--quick` run (one size, two repeats), possibly on a busy machine; "
-            "rerun the command below on a quiet machine for the real comparison.\n\n"
-        )
-    text += "## Results\n\n" + body
-    notes = HERE / "performance_notes.md"  # hand-written measurements kept across regenerations
-    if notes.exists():
-        text += "\n" + notes.read_text()
-    text += (
-        "\nRaw results: [results.json](" + DOCS_ASSETS + "/results.json).\n\n"
-        "## Reproduce\n\n```bash\n" + results["command"] + "\n```\n\n"
-        "Timings depend on the machine and on whatever else runs on it; compare ratios, not absolute times.\n"
-    )
-    path = docs / "performance.md"
-    path.write_text(text)
+    path = assets / "results.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
     return path
 
 
@@ -842,7 +785,7 @@ def parse_args(argv=None):
     p.add_argument("--no-fairchem", action="store_true", help="uma_eqx only, even if fairchem-core is installed")
     p.add_argument("--quick", action="store_true", help="harness check: --sizes 64 --repeats 2 --big '' ")
     p.add_argument(
-        "--docs", action="store_true", help="write docs/performance.md and its plots/JSON under docs/" + DOCS_ASSETS
+        "--docs", action="store_true", help="copy the plots and results.json to docs/" + DOCS_ASSETS + " (docs/performance.md is written by hand)"
     )
     p.add_argument("--out", type=Path, default=HERE / "results", help="directory for results.json, results.md, plots")
     p.add_argument("--only", help="regular expression: run only the measurements whose label matches (see the log)")

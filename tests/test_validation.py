@@ -94,3 +94,18 @@ def test_predict_skips_bad_structures_in_place():
         np.testing.assert_allclose(got["forces"], want["forces"], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"structure #1: .*apart"):
         uma_eqx.predict(model, frames, task_name="omat", batch_size=4, progress=False)
+
+
+def test_graph_less_precise_than_the_model_is_refused():
+    model = _model()
+    atoms = bulk("Cu", "fcc", a=3.6)
+    graph32 = uma_eqx.AtomicGraph.for_model(model, atoms, "omat", dtype=jnp.float32)
+    with pytest.raises(ValueError, match="positions are float32 but the model is float64"):
+        uma_eqx.energy_forces_stress(model, graph32)
+    # a float32 roll angle does not bring float32 into a float64 model
+    graph = uma_eqx.AtomicGraph.for_model(model, atoms, "omat")
+    angle = np.float32(0.3)
+    e32 = uma_eqx.energy_forces_stress(model, graph, jnp.float32(angle))
+    e64 = uma_eqx.energy_forces_stress(model, graph, jnp.float64(angle))
+    np.testing.assert_array_equal(e32["energy"], e64["energy"])
+    np.testing.assert_array_equal(e32["forces"], e64["forces"])

@@ -25,10 +25,11 @@ from .nn import (
     factor_radial_mlps,
     polynomial_envelope,
 )
+from .nn._embedding import ChargeSpinTarget
 from .so3 import Rotation, coefficient_layout, edge_rotation_matrix, safe_norm, wigner_d_from_matrix
 
 
-def make_charge_spin_embedding(config: UMAConfig, target: str, dtype, key) -> AbstractChargeSpinEmbedding:
+def make_charge_spin_embedding(config: UMAConfig, target: ChargeSpinTarget, dtype, key) -> AbstractChargeSpinEmbedding:
     """The charge or spin embedding named by `config.chg_spin_emb_type` (the one dispatch on it)."""
     trainable = config.charge_spin_embedding_trainable
     match config.chg_spin_emb_type:
@@ -227,6 +228,13 @@ class UMABackbone(eqx.Module):
         `(atoms, (lmax+1)**2, sphere_channels)` node features.
         """
         cfg = self.config
+        dtype = self.sphere_embedding.dtype
+        if jnp.finfo(graph.positions.dtype).bits < jnp.finfo(dtype).bits:
+            raise ValueError(
+                f"the graph's positions are {jnp.dtype(graph.positions.dtype).name} but the model is "
+                f"{jnp.dtype(dtype).name}: the geometry would lose precision silently; build the graph with "
+                "AtomicGraph.for_model(model, ...) or from_atoms(..., dtype=model.dtype)"
+            )
         graph = graph.checked(cfg.max_num_elements, len(cfg.datasets))
         num_atoms = graph.atomic_numbers.shape[0]
         num_systems = graph.charge.shape[0]
@@ -242,7 +250,6 @@ class UMABackbone(eqx.Module):
             routing = MoLERouting(coefficients, group_sizes, graph.system_mask)
 
         frame, _ = self.edge_frame(graph, roll, strain)
-        dtype = self.sphere_embedding.dtype
         x = jnp.zeros((num_atoms, (cfg.lmax + 1) ** 2, cfg.sphere_channels), dtype)
         atom_csd = csd[graph.system_index]
         x = x.at[:, 0, :].set(self.sphere_embedding[graph.atomic_numbers] + atom_csd)

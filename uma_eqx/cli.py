@@ -467,8 +467,10 @@ def convert(checkpoint, out, dtype, verify):
     """
     import jax
 
-    if dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
+    # always: the weights get `--dtype` explicitly, and the energy normalisers and element
+    # references are kept in float64 (as fairchem stores them), so that a float64 run of the
+    # saved model is float64 throughout
+    jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
     import uma_eqx

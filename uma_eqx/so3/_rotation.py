@@ -118,6 +118,7 @@ def edge_rotation_matrix(
     """
     unit = edge_vec / safe_norm(edge_vec)
     r_edge = quaternion_to_matrix(edge_to_y_quaternion(unit))
+    roll = jnp.asarray(roll, r_edge.dtype)  # cos/sin in the edge's precision, not the angle's
     c, s = jnp.cos(roll), jnp.sin(roll)
     one, zero = jnp.ones_like(c), jnp.zeros_like(c)
     r_roll = jnp.stack(
