@@ -4,6 +4,7 @@ import codecs
 import dataclasses
 import json
 import os
+import warnings
 import zipfile
 
 import equinox as eqx
@@ -288,6 +289,15 @@ def load(path: str | os.PathLike, dtype=None) -> UMA:
         model = _read_leaves(f, path, skeleton)
     if dtype is not None:
         refs = model.references
+        if jnp.dtype(dtype) == jnp.float64 and refs.energy_rmsd.dtype != jnp.float64:
+            warnings.warn(
+                f"{os.fspath(path)!r} stores its energy normalisers and element references in "
+                f"{jnp.dtype(refs.energy_rmsd.dtype).name}: a float64 run of it carries their float32 rounding "
+                "(~1e-8 relative in energy); convert the checkpoint again with `uma-eqx convert` (which keeps them "
+                "in float64) for a float64 run that is float64 throughout",
+                UserWarning,
+                stacklevel=2,
+            )
         model = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
         # energy references keep their stored precision (float64 when saved from a float64 run)
         model = eqx.tree_at(lambda m: m.references, model, refs)
