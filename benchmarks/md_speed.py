@@ -73,11 +73,11 @@ def small_names(channels: int) -> tuple[str, str]:
 def _atoms(n: int):
     """fcc Cu of `n` atoms with seeded 300 K Maxwell-Boltzmann momenta, zero total momentum."""
     import numpy as np
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.velocitydistribution import thermalize_momenta, Stationary
 
     bench = cf._bench_without_jax()
     atoms = bench.cu_fcc(n)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=TEMPERATURE_K, rng=np.random.default_rng(SEED))
+    thermalize_momenta(atoms, temperature_K=TEMPERATURE_K, rng=np.random.default_rng(SEED))
     Stationary(atoms)
     return atoms, bench
 

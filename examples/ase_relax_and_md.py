@@ -10,7 +10,7 @@ from ase import units
 from ase.build import bulk
 from ase.filters import FrechetCellFilter
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 from ase.optimize import FIRE
 
 import uma_eqx
@@ -27,7 +27,7 @@ atoms.calc = UMACalculator(uma_eqx.default_model(), task_name="omat")
 FIRE(FrechetCellFilter(atoms), logfile=None).run(fmax=0.01, steps=300)
 print(f"relaxed: a = {atoms.cell.lengths()[0] / 2:.4f} Å, max |stress| = {np.abs(atoms.get_stress()).max():.2e} eV/Å³")
 
-MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
 dyn = Langevin(atoms, timestep=2.0 * units.fs, temperature_K=300, friction=0.01, fixcm=False, logfile=None,
                rng=np.random.default_rng(1))
 dyn.run(args.steps)

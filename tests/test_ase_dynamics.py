@@ -7,7 +7,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.filters import FrechetCellFilter
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE
 
@@ -55,7 +55,7 @@ def test_cell_relaxation_with_frechet_filter(calc):
 def test_velocity_verlet_conserves_energy(calc):
     atoms = _rattled(seed=1)
     atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
     energies = []
     dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs, logfile=None)
     dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)

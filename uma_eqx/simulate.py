@@ -101,9 +101,9 @@ def run_md(
     if not np.all(np.isfinite(atoms.positions)):
         raise ValueError("the structure has NaN/inf positions")
     atoms = atoms.copy()
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.velocitydistribution import thermalize_momenta, Stationary
 
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
+    thermalize_momenta(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
     Stationary(atoms)
     run = _run_jax_md if engine == "jax-md" else _run_ase
     return run(model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback)
