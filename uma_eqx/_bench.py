@@ -202,9 +202,9 @@ def _first_call(call, step: int):
 
     spent = []
 
-    def listener(event, duration, **_):
+    def listener(event: str, duration_secs: float, **_: str | int) -> None:
         if event in JAX_COMPILE_EVENTS:
-            spent.append(duration)
+            spent.append(duration_secs)
 
     monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -301,7 +301,7 @@ def benchmark_uma_eqx(
         if mode == "calculator":
             calc = UMACalculator(model, task_name=task, merge_experts=merged)
 
-            def call(step, base=base, calc=calc):
+            def call_calculator(step, base=base, calc=calc):
                 atoms = rattled(base, step, seed=seed)
                 atoms.calc = calc
                 energy = atoms.get_potential_energy()
@@ -310,19 +310,19 @@ def benchmark_uma_eqx(
                     atoms.get_stress()
                 return energy
 
-            compile_s, times, energy, last_step, jax_compile_s = _time_calls(call, 0, warmup, repeats)
+            compile_s, times, energy, last_step, jax_compile_s = _time_calls(call_calculator, 0, warmup, repeats)
             timed_model = calc.model_for(rattled(base, last_step, seed=seed))
         else:
             state = {}
 
-            def call(step, state=state, graph=graph):
+            def call_raw(step, state=state, graph=graph):
                 if "model" not in state:  # the merge counts as part of the first call
                     state["model"] = merged_model(model, graph) if merged else model
                 out = efs(state["model"], graph)
                 jax.block_until_ready(out)
                 return float(out["energy"][0])
 
-            compile_s, times, energy, _, jax_compile_s = _time_calls(call, 0, warmup, repeats)
+            compile_s, times, energy, _, jax_compile_s = _time_calls(call_raw, 0, warmup, repeats)
             last_step = None
             timed_model = state["model"]
         row = {

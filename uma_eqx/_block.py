@@ -282,6 +282,7 @@ class Edgewise(eqx.Module):
             if settings.gauss_form:
                 gauss = (per_system.so2_conv_1.gauss_fc_m(), per_system.so2_conv_2.gauss_fc_m())
             weights = (per_system, gauss)
+            active = None if routing is None else routing.active
 
             def system_messages(weights, x, chunk, system):
                 # The system's weights are sliced inside the checkpoint (the backward pass slices
@@ -295,8 +296,8 @@ class Edgewise(eqx.Module):
                 if num_systems == 1:
                     return run(0)
                 used = system < num_systems
-                if routing.active is not None:  # padding systems' edges only reach padding atoms
-                    used = used & routing.active[jnp.minimum(system, num_systems - 1)]
+                if active is not None:  # padding systems' edges only reach padding atoms
+                    used = used & active[jnp.minimum(system, num_systems - 1)]
                 return jax.lax.cond(
                     used,
                     run,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
@@ -376,7 +377,8 @@ class AtomicGraph(eqx.Module):
                 )
             pos, cell, pbc = _checked_geometry(system, k)
             charge, spin = _charge_and_spin(system.info, task, k)
-            pos = wrap_positions(pos, cell, pbc=pbc, eps=0)
+            # ase documents pbc as one or 3 bools; pyright infers `bool` from the unannotated default
+            pos = wrap_positions(pos, cell, pbc=pbc, eps=0)  # pyright: ignore[reportArgumentType]
             if min_distance is not None:
                 _check_min_distance(pos, cell, pbc, min_distance, k)
             edges, shifts = radius_graph(pos, cell, pbc, cutoff, max_neighbors)
@@ -634,7 +636,7 @@ def _checked_geometry(
             f"{atom}; positions must be finite."
         )
     pbc = np.array(system.pbc, dtype=bool)
-    given = np.array(system.cell[:], dtype=np.float64)
+    given = np.array(system.cell, dtype=np.float64)
     if not np.all(np.isfinite(given)):
         raise ValueError(
             f"Structure #{k} has a non-finite cell {given.tolist()}; give finite lattice vectors "
@@ -645,7 +647,7 @@ def _checked_geometry(
     if pbc.all() and volume < _PBC_MIN_VOLUME:
         raise ValueError(
             f"Structure #{k} is periodic along all axes but its cell "
-            f"{system.cell.tolist()} has volume {volume:g} Å³; set a cell with three "
+            f"{np.asarray(system.cell).tolist()} has volume {volume:g} Å³; set a cell with three "
             "independent lattice vectors, or set pbc=False for a molecule."
         )
     if pbc.any() and not pbc.all() and volume < _MIXED_PBC_MIN_VOLUME:

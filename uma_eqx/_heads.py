@@ -61,9 +61,12 @@ class MLPEnergyHead(AbstractEnergyHead):
         - `dtype`: float dtype of the parameters (default float32).
         - `key`: PRNG key for the initialisation (checkpoints overwrite it).
         """
-        keys = jax.random.split(key, 3)
-        dims = [(sphere_channels, hidden_channels), (hidden_channels, hidden_channels), (hidden_channels, 1)]
-        self.layers = tuple(_head_linear(num_heads, i, o, dtype, k) for (i, o), k in zip(dims, keys))
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.layers = (
+            _head_linear(num_heads, sphere_channels, hidden_channels, dtype, k1),
+            _head_linear(num_heads, hidden_channels, hidden_channels, dtype, k2),
+            _head_linear(num_heads, hidden_channels, 1, dtype, k3),
+        )
 
     def __call__(
         self, node_features: Float[Array, "atoms coeffs channels"], routing: MoLERouting | None

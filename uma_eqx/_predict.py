@@ -158,7 +158,7 @@ def predict(
         for s, (k, atoms, task) in enumerate(entries):
             n = len(atoms)
             row = {"energy": float(energy[s]), "forces": forces[start : start + n], "task": task, "natoms": n}
-            if stress:
+            if sigma is not None:  # computed iff `stress`
                 row["stress"] = sigma[s]
             results[k] = row
             start += n

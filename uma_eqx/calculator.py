@@ -2,9 +2,11 @@
 
 import threading
 import warnings
+from typing import cast
 
 import equinox as eqx
 import numpy as np
+from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
@@ -142,7 +144,7 @@ class UMACalculator(Calculator):
         """Compute energy, forces and stress of `atoms` (ASE's calculator protocol)."""
         with self._lock:
             super().calculate(atoms, properties, system_changes)
-            atoms = self.atoms
+            atoms = cast(Atoms, self.atoms)  # set by Calculator.calculate: the given atoms, or the last call's
             graph = self._graph(atoms)
             self._warn_omol_defaults(atoms)
             if self.merges_experts or self.model.backbone.router is None:

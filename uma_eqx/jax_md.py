@@ -162,7 +162,7 @@ def energy_and_neighbor_fns(
     cfg = model.config
     settings = DEFAULT_SETTINGS if settings is None else settings
     template = AtomicGraph.for_model(model, atoms, task_name)
-    pbc = tuple(bool(p) for p in atoms.pbc)
+    pbc = (bool(atoms.pbc[0]), bool(atoms.pbc[1]), bool(atoms.pbc[2]))
     if fractional_coordinates and not all(pbc):
         raise ValueError(f"fractional_coordinates=True needs a periodic system, got pbc={list(pbc)}.")
     if merge and settings.merge_experts and model.backbone.router is not None:

@@ -31,6 +31,11 @@ class KeyEntry:
     combine: Callable[[list[np.ndarray]], np.ndarray] = lambda xs: xs[0]
 
 
+def _x64_enabled() -> bool:
+    """Whether `jax_enable_x64` is on now."""
+    return jax.config.jax_enable_x64  # pyright: ignore[reportAttributeAccessIssue]  # jax adds config options as attributes at run time
+
+
 def _resolve(root, path: str):
     obj = root
     for part in re.findall(r"[A-Za-z_][A-Za-z_0-9]*|\[\d+\]", path):
@@ -177,10 +182,10 @@ def convert_pytorch_state_dict(
     - `tasks`: parsed tasks (`parse_tasks(tasks_config)`) for normalisers and element references.
     - `dtype`: `jnp.float32` or `jnp.float64` (float64 needs `jax_enable_x64`).
     """
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    if dtype == jnp.float64 and not _x64_enabled():
         raise ValueError("dtype=float64 needs jax.config.update('jax_enable_x64', True) first")
     skeleton = eqx.filter_eval_shape(UMA, config, dtype, key=jax.random.key(0))
-    ref_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    ref_dtype = jnp.float64 if _x64_enabled() else jnp.float32
     skeleton = eqx.tree_at(
         lambda m: m.references, skeleton, eqx.filter_eval_shape(EnergyReferences, len(config.datasets), config.max_num_elements, ref_dtype)
     )
@@ -205,7 +210,7 @@ def convert_pytorch_state_dict(
     if extra:
         raise ValueError(f"checkpoint has unexpected key(s) {extra[:5]} not used by a {config.num_layers}-layer UMA")
     # references keep full precision where JAX allows it (they are float64 in the checkpoint).
-    ref_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    ref_dtype = jnp.float64 if _x64_enabled() else jnp.float32
     for path, value in _references(config, tasks or {}, dtype).items():
         paths.append(path)
         values.append(jnp.asarray(value, dtype=ref_dtype))

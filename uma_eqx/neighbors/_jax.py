@@ -155,7 +155,8 @@ class NeighborListFns:
                     f"cell {np.asarray(cell).tolist()} has volume {volume:g} Å³ but pbc={list(self.pbc)}; "
                     "give three independent lattice vectors or use pbc=False."
                 )
-        image_range = tuple(int(n) for n in np.asarray(self._needed_range(cell)))
+        needed = np.asarray(self._needed_range(cell))
+        image_range = (int(needed[0]), int(needed[1]), int(needed[2]))
         minimum_image = any(self.pbc) and bool(self._minimum_image_ok(cell))
         num_images = 1 if minimum_image else len(_image_shifts(image_range))
         table = positions.shape[0] ** 2 * num_images
@@ -211,7 +212,9 @@ class NeighborListFns:
         k = jnp.where(jnp.asarray(self.pbc), jnp.floor(frac), 0.0)
         return positions - k @ cell, k
 
-    def _build(self, positions, cell, capacity: int, image_range, minimum_image, overflow=False) -> NeighborList:
+    def _build(
+        self, positions, cell, capacity: int, image_range, minimum_image, overflow: bool | Bool[Array, ""] = False
+    ) -> NeighborList:
         mask, shifts = self._candidate_mask(positions, cell, image_range, minimum_image)
         shifts = jnp.broadcast_to(shifts, mask.shape + (3,))
         n, _, k = mask.shape

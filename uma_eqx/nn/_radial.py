@@ -4,13 +4,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int
 
 from .._constants import ENVELOPE_EXPONENT, GAUSSIAN_BASIS_WIDTH, NORM_EPS
 from ._linear import Linear
 
 
-def torch_linspace(start: float, stop: float, num: int, dtype=np.float32) -> np.ndarray:
+def torch_linspace(start: float, stop: float, num: int, dtype: DTypeLike = np.float32) -> np.ndarray:
     """`torch.linspace(start, stop, num)` as torch computes it in `dtype`.
 
     fairchem builds its buffers in the run's default dtype (float32, or float64 for a float64

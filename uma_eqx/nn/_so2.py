@@ -135,7 +135,19 @@ class SO2Convolution(eqx.Module):
             if x_edge is None:
                 raise ValueError("this SO2Convolution has a radial MLP: pass x_edge")
             widths = [n * c_in for n in sizes]
-            radial = jnp.split(self.rad(x_edge), np.cumsum(widths)[:-1], axis=1)
+            mismatch = TypeError(
+                f"this SO2Convolution's {type(self.rad).__name__} cannot take x_edge of type "
+                f"{type(x_edge).__name__}: a FactoredRadialMLP takes EdgeScalars, a RadialMLP an array"
+            )
+            if isinstance(x_edge, EdgeScalars):
+                if not isinstance(self.rad, FactoredRadialMLP):
+                    raise mismatch
+                edge_weights = self.rad(x_edge)
+            else:
+                if not isinstance(self.rad, RadialMLP):
+                    raise mismatch
+                edge_weights = self.rad(x_edge)
+            radial = jnp.split(edge_weights, np.cumsum(widths)[:-1], axis=1)
             flat = [flat[0] * radial[0]] + [b * radial[1 + k // 2] for k, b in enumerate(flat[1:])]
         gating, y0 = jnp.split(self.fc_m0(flat[0], routing), [self.extra_m0_channels], axis=1)
         out = [y0.reshape(num_edges, -1, c_out)]

@@ -228,10 +228,10 @@ def _gate(sig: Float[Array, "*rows lmax channels"], x: Float[Array, "*rows k cha
     silu_first = int(l_of_row[0]) == 0
     gated = l_of_row[1:] if silu_first else l_of_row
     g = jnp.stack([sig[..., int(l) - 1, :] for l in gated], axis=-2) if len(gated) else None
+    if g is None:  # only with a leading l = 0 row (`l_of_row[0]` exists)
+        return jax.nn.silu(x)
     if not silu_first:
         return x * g
-    if g is None:
-        return jax.nn.silu(x)
     x0, rest = jnp.split(x, [1], axis=-2)  # one split: its transpose is one concatenation
     return jnp.concatenate([jax.nn.silu(x0), rest * g], axis=-2)
 

@@ -3,8 +3,10 @@
 import dataclasses
 import os
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
+from ase import Atoms
 
 from .._config import UMAConfig
 from .._graph import AtomicGraph, PaddingSpec, pad_graph
@@ -24,7 +26,7 @@ class Record:
     - `source`: `path[index]`, used in error messages.
     """
 
-    atoms: object
+    atoms: Atoms
     energy: float
     forces: np.ndarray | None
     stress: np.ndarray | None
@@ -63,11 +65,13 @@ def read_dataset(paths: "str | os.PathLike | Sequence[str | os.PathLike]", task:
         if path.endswith(".db"):
             import ase.db
 
-            frames = [row.toatoms(add_additional_information=True) for row in ase.db.connect(path).select()]
+            frames: list[Atoms] = [
+                row.toatoms(add_additional_information=True) for row in ase.db.connect(path).select()
+            ]
             for a in frames:
                 a.info.update(a.info.pop("key_value_pairs", {}) or {})
         else:
-            frames = read(path, ":")
+            frames = cast(list[Atoms], read(path, ":"))  # index ":" reads a list
         for i, atoms in enumerate(frames):
             src = f"{path}[{i}]"
             energy = _label(atoms, "energy", atoms.get_potential_energy)
@@ -181,13 +185,17 @@ def pack_batches(records: Sequence[Record], padding: PaddingSpec, rng: np.random
     Records are added in order until the next one would exceed the atom, edge or system
     capacity (one slot of each is kept for padding).
     """
+    max_atoms, max_edges, max_systems = padding.num_atoms, padding.num_edges, padding.num_systems
+    if max_atoms is None or max_edges is None or max_systems is None:
+        raise ValueError(f"pack_batches needs fixed capacities (see batch_capacity), got {padding}")
     order = np.arange(len(records)) if rng is None else rng.permutation(len(records))
     batches, current, atoms, edges = [], [], 0, 0
     for j in order:
-        r = records[j]
+        r = records[int(j)]
         n, e = len(r.atoms), r.num_edges
-        if current and (atoms + n >= padding.num_atoms or edges + e > padding.num_edges
-                        or len(current) + 1 >= padding.num_systems):
+        if e is None:
+            raise ValueError(f"{r.source}: edges not counted; call count_edges(records, config) first")
+        if current and (atoms + n >= max_atoms or edges + e > max_edges or len(current) + 1 >= max_systems):
             batches.append(current)
             current, atoms, edges = [], 0, 0
         current.append(r)

@@ -7,6 +7,7 @@ import os
 import pathlib
 import time
 import tomllib
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -234,7 +235,7 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after_epochs: int | None =
     if cfg.init:
         model = load(cfg.init, dtype=dtype)
     elif cfg.model:
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}
         model = UMA(UMAConfig(**fields), dtype, key=jax.random.key(cfg.seed))
     else:
         raise ValueError("TrainConfig needs `init` (a .eqx model to fine-tune) or `model` (UMAConfig fields)")
