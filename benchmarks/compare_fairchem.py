@@ -477,8 +477,11 @@ PAIRS = [
     ("E+F, uma_eqx raw jit (prebuilt graph) vs fairchem calculator, merged", "calculator merged", "raw merged"),
     ("E+F+S, uma_eqx raw jit vs fairchem calculator, merged", "calculator merged", "raw merged +stress"),
     ("E+F, fairchem torch.compile vs uma_eqx calculator, merged", "calculator merged compiled", "calculator merged"),
-    ("E+F, ASE calculator, merged; fairchem with activation checkpointing", "calculator merged checkpointed",
-     "calculator merged"),
+    (
+        "E+F, ASE calculator, merged; fairchem with activation checkpointing",
+        "calculator merged checkpointed",
+        "calculator merged",
+    ),
     ("E+F, batch of 8 x 32 atoms (mixed compositions), unmerged", "batch of 8 unmerged", "batch of 8 unmerged"),
 ]
 
@@ -580,7 +583,10 @@ def scaling_table(rows) -> str:
         t = _slope(xs, [r["best_s"] for r in rs])
         m = _slope(xs, [r["peak_rss_mib"] for r in rs])
         g = _slope(xs, [r["peak_rss_mib"] - r.get("rss_after_load_mib", 0.0) for r in rs])
-        fmt = lambda v: "–" if v is None else f"{v:.2f}"
+
+        def fmt(v):
+            return "–" if v is None else f"{v:.2f}"
+
         lines.append(f"| {impl} | {variant} | {xs[0]}–{xs[-1]} | {fmt(t)} | {fmt(m)} | {fmt(g)} |")
     return "\n".join(lines)
 
@@ -641,7 +647,10 @@ def machine() -> dict:
             versions[pkg] = None
     git = {}
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+        def run(*a):
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
         git = {
             "commit": run("rev-parse", "HEAD").strip(),
             "dirty": bool(run("status", "--porcelain", "--untracked-files=no").strip()),
@@ -761,7 +770,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ints = lambda s: [int(x) for x in s.split(",") if x]
+
+    def ints(s):
+        return [int(x) for x in s.split(",") if x]
+
     p.add_argument("--sizes", type=ints, default=[64, 128, 256, 512], help="atoms per fcc Cu system (comma separated)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first one")
@@ -785,7 +797,9 @@ def parse_args(argv=None):
     p.add_argument("--no-fairchem", action="store_true", help="uma_eqx only, even if fairchem-core is installed")
     p.add_argument("--quick", action="store_true", help="harness check: --sizes 64 --repeats 2 --big '' ")
     p.add_argument(
-        "--docs", action="store_true", help="copy the plots and results.json to docs/" + DOCS_ASSETS + " (docs/performance.md is written by hand)"
+        "--docs",
+        action="store_true",
+        help="copy the plots and results.json to docs/" + DOCS_ASSETS + " (docs/performance.md is written by hand)",
     )
     p.add_argument("--out", type=Path, default=HERE / "results", help="directory for results.json, results.md, plots")
     p.add_argument("--only", help="regular expression: run only the measurements whose label matches (see the log)")

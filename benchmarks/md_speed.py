@@ -50,7 +50,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import compare_fairchem as cf  # numpy-free: no jax, no torch in the driver
+import compare_fairchem as cf  # noqa: E402  (found through the sys.path line above); numpy-free: no jax, no torch in the driver
 
 TASK = cf.TASK
 SMALL_LAYOUT = {"lmax": 2, "mmax": 2, "num_layers": 2, "num_experts": 4, "num_distance_basis": 16}
@@ -73,7 +73,7 @@ def small_names(channels: int) -> tuple[str, str]:
 def _atoms(n: int):
     """fcc Cu of `n` atoms with seeded 300 K Maxwell-Boltzmann momenta, zero total momentum."""
     import numpy as np
-    from ase.md.velocitydistribution import thermalize_momenta, Stationary
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
     bench = cf._bench_without_jax()
     atoms = bench.cu_fcc(n)
@@ -278,7 +278,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ints = lambda s: [int(x) for x in s.split(",") if x]
+
+    def ints(s):
+        return [int(x) for x in s.split(",") if x]
+
     p.add_argument("--sizes", type=ints, default=[64, 512, 2048], help="atoms per fcc Cu system (small model)")
     p.add_argument("--steps", type=ints, default=None,
                    help="timed steps per size (one value for all, or one per --sizes; default 1000,200,50)")  # fmt: skip

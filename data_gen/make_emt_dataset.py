@@ -25,10 +25,9 @@ import sys
 import time
 from collections import Counter
 
-import numpy as np
-
 import ase
 import ase.io
+import numpy as np
 from ase import Atoms, units
 from ase.build import bulk, fcc100, fcc111
 from ase.calculators.emt import EMT
@@ -43,6 +42,7 @@ except ImportError:  # older ase
 
     def _thermalize(atoms, temperature_K, *, rng=None):
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+
 
 ELEMENTS = ("Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al")
 
@@ -282,7 +282,7 @@ def gen_surface(rng, cfg):
         (fcc100, (2, 2, 4)),
     )
     groups = []
-    for i in range(cfg["surface"]):
+    for _ in range(cfg["surface"]):
         el = choose(rng, ELEMENTS)
         builder, size = slabs[int(rng.integers(len(slabs)))]
         a = EMT_LATTICE[el] * rng.uniform(0.98, 1.02)

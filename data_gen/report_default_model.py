@@ -24,22 +24,43 @@ ROOT = pathlib.Path(__file__).parents[1]
 def main(model_path: str, data_dir: str) -> None:
     model = uma_eqx.load(model_path)
     data = pathlib.Path(data_dir)
-    report = {"model": {k: v for k, v in json.loads(model.config.to_json()).items()
-                        if k in ("sphere_channels", "hidden_channels", "edge_channels", "lmax", "mmax", "num_layers",
-                                 "num_experts", "cutoff", "datasets", "num_distance_basis")}}
+    report = {
+        "model": {
+            k: v
+            for k, v in json.loads(model.config.to_json()).items()
+            if k
+            in (
+                "sphere_channels",
+                "hidden_channels",
+                "edge_channels",
+                "lmax",
+                "mmax",
+                "num_layers",
+                "num_experts",
+                "cutoff",
+                "datasets",
+                "num_distance_basis",
+            )
+        }
+    }
     for split in ("val", "test"):
         records = read_dataset(data / f"{split}.extxyz")
         padding = batch_capacity(records, model.config, 8)
         metrics = evaluate(model, records, padding, jnp.float32, 8)
         report[split] = {"structures": len(records), "atoms": int(sum(len(r.atoms) for r in records)), **metrics}
-        report[split]["energy_per_atom_range_eV"] = [float(np.min([r.energy / len(r.atoms) for r in records])),
-                                                      float(np.max([r.energy / len(r.atoms) for r in records]))]
+        report[split]["energy_per_atom_range_eV"] = [
+            float(np.min([r.energy / len(r.atoms) for r in records])),
+            float(np.max([r.energy / len(r.atoms) for r in records])),
+        ]
     metrics_path = pathlib.Path(model_path).parent / "metrics.json"
     if metrics_path.exists():
         history = json.loads(metrics_path.read_text())
-        report["training"] = {"epochs": len(history), "steps": history[-1]["step"],
-                              "seconds": round(sum(r["epoch_seconds"] for r in history), 1),
-                              "final_train_loss": history[-1]["train_loss"]}
+        report["training"] = {
+            "epochs": len(history),
+            "steps": history[-1]["step"],
+            "seconds": round(sum(r["epoch_seconds"] for r in history), 1),
+            "final_train_loss": history[-1]["train_loss"],
+        }
     report["reference"] = "ASE EMT (ase.calculators.emt), data from data_gen/make_emt_dataset.py (seed 0, size full)"
     report["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip() + ", 2 CPU cores"
     summary = data / "summary.json"

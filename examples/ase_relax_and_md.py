@@ -1,6 +1,6 @@
 """Relax a strained Cu cell with ASE (FIRE + FrechetCellFilter), then run Langevin MD.
 
-    python examples/ase_relax_and_md.py [--steps 200]
+python examples/ase_relax_and_md.py [--steps 200]
 """
 
 import argparse
@@ -28,7 +28,14 @@ FIRE(FrechetCellFilter(atoms), logfile=None).run(fmax=0.01, steps=300)
 print(f"relaxed: a = {atoms.cell.lengths()[0] / 2:.4f} Å, max |stress| = {np.abs(atoms.get_stress()).max():.2e} eV/Å³")
 
 thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
-dyn = Langevin(atoms, timestep=2.0 * units.fs, temperature_K=300, friction=0.01, fixcm=False, logfile=None,
-               rng=np.random.default_rng(1))
+dyn = Langevin(
+    atoms,
+    timestep=2.0 * units.fs,
+    temperature_K=300,
+    friction=0.01,
+    fixcm=False,
+    logfile=None,
+    rng=np.random.default_rng(1),
+)
 dyn.run(args.steps)
 print(f"Langevin: {args.steps} steps, T = {atoms.get_temperature():.0f} K, E = {atoms.get_potential_energy():.4f} eV")

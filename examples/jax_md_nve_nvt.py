@@ -51,8 +51,12 @@ print(f"NVE: {args.steps} steps, max |E - E0| = {np.abs(energies - energies[0]).
 init, apply = simulate.nvt_nose_hoover(energy_fn, shift_fn, dt, 600.0 * ujmd.BOLTZMANN, tau=100 * dt)
 state = init(jax.random.PRNGKey(1), state.position, mass=mass, neighbor=neighbors)
 state, neighbors, temperatures = ujmd.run(
-    lambda s, n: apply(s, neighbor=n), state, neighbors, neighbor_fn, args.steps,
+    lambda s, n: apply(s, neighbor=n),
+    state,
+    neighbors,
+    neighbor_fn,
+    args.steps,
     observe=lambda s, n: quantity.temperature(momentum=s.momentum, mass=s.mass) / ujmd.BOLTZMANN,
 )
 temperatures = np.concatenate([np.asarray(t) for t in temperatures])
-print(f"NVT: {args.steps} steps, mean T over the second half = {temperatures[args.steps // 2:].mean():.0f} K")
+print(f"NVT: {args.steps} steps, mean T over the second half = {temperatures[args.steps // 2 :].mean():.0f} K")

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 from ase import Atoms
-
 from conftest import FIXTURES
 
 

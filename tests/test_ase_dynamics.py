@@ -67,8 +67,15 @@ def test_velocity_verlet_conserves_energy(calc):
 def test_langevin_runs_and_thermalises(calc):
     atoms = _rattled(seed=2)
     atoms.calc = calc
-    dyn = Langevin(atoms, timestep=2.0 * units.fs, temperature_K=600, friction=0.05, fixcm=False, logfile=None,
-                   rng=np.random.default_rng(0))
+    dyn = Langevin(
+        atoms,
+        timestep=2.0 * units.fs,
+        temperature_K=600,
+        friction=0.05,
+        fixcm=False,
+        logfile=None,
+        rng=np.random.default_rng(0),
+    )
     temperatures = []
     dyn.attach(lambda: temperatures.append(atoms.get_temperature()), interval=1)
     dyn.run(150)

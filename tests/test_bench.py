@@ -87,7 +87,9 @@ def test_harness_update_replaces_matching_rows():
     import pathlib
 
     root = pathlib.Path(__file__).parents[1]
-    spec = importlib.util.spec_from_file_location("compare_fairchem_for_test", root / "benchmarks" / "compare_fairchem.py")
+    spec = importlib.util.spec_from_file_location(
+        "compare_fairchem_for_test", root / "benchmarks" / "compare_fairchem.py"
+    )
     cf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cf)
     base = json.loads((root / "docs" / "assets" / "performance" / "results.json").read_text())  # the published run
@@ -96,7 +98,11 @@ def test_harness_update_replaces_matching_rows():
     new = dict(copy.deepcopy(base), date="D", command="C", rows=[row])
     new["machine"]["git"] = {"commit": "abcdef0123", "dirty": False}
     merged = cf.merge_update(copy.deepcopy(base), new)
-    same = [r for r in merged["rows"] if (r["impl"], r["variant"], r.get("atoms")) == (row["impl"], row["variant"], row["atoms"])]
+    same = [
+        r
+        for r in merged["rows"]
+        if (r["impl"], r["variant"], r.get("atoms")) == (row["impl"], row["variant"], row["atoms"])
+    ]
     assert len(merged["rows"]) == len(base["rows"]) and [r["best_s"] for r in same] == [1e-3]
     label = f"{row['impl']} {row['variant']} {row['atoms']}"
     assert merged["updates"][-1]["rows"] == [label]
@@ -108,7 +114,9 @@ def test_harness_rounds_pool_the_timed_calls():
     import pathlib
 
     root = pathlib.Path(__file__).parents[1]
-    spec = importlib.util.spec_from_file_location("compare_fairchem_rounds", root / "benchmarks" / "compare_fairchem.py")
+    spec = importlib.util.spec_from_file_location(
+        "compare_fairchem_rounds", root / "benchmarks" / "compare_fairchem.py"
+    )
     cf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cf)
 
@@ -120,8 +128,9 @@ def test_harness_rounds_pool_the_timed_calls():
 
     rounds = [
         [row("uma_eqx", [1.5, 1.4], 9.0, 100.0, 6.0), row("fairchem", [2.0, 2.1], 2.0, 300.0)],
-        [row("uma_eqx", [1.2, 1.3], 8.0, 120.0, 5.0), {"impl": "fairchem", "variant": "fairchem calculator merged 64 atoms",
-                                                  "atoms": 64, "error": "killed", "job": "fairchem calculator merged 64 atoms"}],
+        [row("uma_eqx", [1.2, 1.3], 8.0, 120.0, 5.0),
+         {"impl": "fairchem", "variant": "fairchem calculator merged 64 atoms",
+          "atoms": 64, "error": "killed", "job": "fairchem calculator merged 64 atoms"}],
     ]  # fmt: skip
     merged = {r["impl"]: r for r in cf.merge_rounds(rounds)}
     uma = merged["uma_eqx"]

@@ -3,12 +3,12 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cases import case_atoms, reference, stress_offset
 from ase import Atoms
 from ase.build import bulk, molecule
+from conftest import FIXTURES, rel_err
 
 import uma_eqx
-from _cases import case_atoms, reference, stress_offset
-from conftest import FIXTURES, rel_err
 from uma_eqx.calculator import UMACalculator
 
 TOL_F64 = 1e-9
@@ -90,8 +90,8 @@ def test_bad_inputs(model64):
 
 
 def test_float32_calculator_runs_md_steps():
-    from ase.md.verlet import VelocityVerlet
     from ase import units
+    from ase.md.verlet import VelocityVerlet
 
     model = uma_eqx.load(FIXTURES / "uma_s_1p1.eqx")
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))

@@ -79,8 +79,10 @@ def test_predict_errors(tmp_path):
     _one_line_error(_run(["predict", str(fe)], ok=False), "26 (Fe)", "outside this model's elements")
     _one_line_error(_run(["predict", "--task", "omol"], ok=False), "unknown task_name 'omol'")
     _one_line_error(_run(["predict", "--model", str(tmp_path / "m.eqx")], ok=False), "model file not found")
-    _one_line_error(_run(["predict", str(uma_eqx.cli.EXAMPLES), "--output", str(tmp_path / "r.txt")], ok=False),
-                    "unknown output format")
+    _one_line_error(
+        _run(["predict", str(uma_eqx.cli.EXAMPLES), "--output", str(tmp_path / "r.txt")], ok=False),
+        "unknown output format",
+    )
 
 
 def test_info_and_convert(tmp_path):
@@ -89,7 +91,9 @@ def test_info_and_convert(tmp_path):
     out = _run(["info", str(FIXTURES / "uma_s_1p1.eqx")]).output
     assert "format version" in out and "experts=4" in out
     _one_line_error(_run(["info", str(tmp_path / "missing.eqx")], ok=False), "model file not found")
-    _one_line_error(_run(["convert", str(tmp_path / "x.pt"), str(tmp_path / "x.eqx")], ok=False), "checkpoint not found")
+    _one_line_error(
+        _run(["convert", str(tmp_path / "x.pt"), str(tmp_path / "x.eqx")], ok=False), "checkpoint not found"
+    )
 
 
 def test_convert_happy_path(tmp_path):
@@ -123,8 +127,24 @@ def test_optimize(tmp_path, cu_file):
 def test_md(tmp_path, cu_file, engine, ensemble):
     pytest.importorskip("jax_md")
     traj = tmp_path / "md.extxyz"
-    out = _run(["md", str(cu_file), "--engine", engine, "--ensemble", ensemble, "--steps", "20", "--interval", "10",
-                "--timestep", "1.0", "--output", str(traj)]).output
+    out = _run(
+        [
+            "md",
+            str(cu_file),
+            "--engine",
+            engine,
+            "--ensemble",
+            ensemble,
+            "--steps",
+            "20",
+            "--interval",
+            "10",
+            "--timestep",
+            "1.0",
+            "--output",
+            str(traj),
+        ]
+    ).output
     assert "steps/s" in out
     frames = read(traj, ":")
     assert [f.info["step"] for f in frames] == [0, 10, 20]
@@ -139,11 +159,14 @@ def test_md_errors(tmp_path, cu_file):
     cluster = bulk("Cu").repeat(2)
     cluster.pbc = False
     write(tmp_path / "cluster.xyz", cluster)
-    _one_line_error(_run(["md", str(tmp_path / "cluster.xyz"), "--ensemble", "npt", "--steps", "2"], ok=False),
-                    "npt needs a periodic system")
+    _one_line_error(
+        _run(["md", str(tmp_path / "cluster.xyz"), "--ensemble", "npt", "--steps", "2"], ok=False),
+        "npt needs a periodic system",
+    )
     _one_line_error(_run(["md", str(cu_file), "--timestep", "-1", "--steps", "2"], ok=False), "timestep_fs")
-    _one_line_error(_run(["md", str(cu_file), "--temperature", "0", "--steps", "2"], ok=False),
-                    "nvt needs temperature_K > 0")
+    _one_line_error(
+        _run(["md", str(cu_file), "--temperature", "0", "--steps", "2"], ok=False), "nvt needs temperature_K > 0"
+    )
     usage = _run(["md", str(cu_file), "--ensemble", "nph"], ok=False)
     assert usage.exit_code == 2 and "Invalid value for '--ensemble'" in usage.output
 
@@ -224,8 +247,9 @@ def test_predict_all_frames_bad(tmp_path):
 def test_model_file_errors(tmp_path, cu_file):
     png = tmp_path / "model.eqx"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
-    _one_line_error(_run(["predict", str(cu_file), "--model", str(png)], ok=False), "is a PNG image",
-                    "not a uma_eqx model file")
+    _one_line_error(
+        _run(["predict", str(cu_file), "--model", str(png)], ok=False), "is a PNG image", "not a uma_eqx model file"
+    )
     short = tmp_path / "short.eqx"
     short.write_bytes((FIXTURES / "dense.eqx").read_bytes()[:5000])
     _one_line_error(_run(["info", str(short)], ok=False), "truncated or corrupt model weights")
@@ -233,10 +257,16 @@ def test_model_file_errors(tmp_path, cu_file):
     empty.write_bytes(b"")
     _one_line_error(_run(["md", str(cu_file), "--model", str(empty)], ok=False), "an empty file")
     _one_line_error(_run(["info", str(tmp_path)], ok=False), "is a directory")
-    _one_line_error(_run(["convert", str(FIXTURES / "dense.eqx"), str(tmp_path / "o.eqx")], ok=False),
-                    "is a uma_eqx model file", "uma_eqx.load(")
-    _one_line_error(_run(["convert", str(FIXTURES / "dense.pt"), str(tmp_path / "no" / "o.eqx")], ok=False),
-                    "the folder", "does not exist")
+    _one_line_error(
+        _run(["convert", str(FIXTURES / "dense.eqx"), str(tmp_path / "o.eqx")], ok=False),
+        "is a uma_eqx model file",
+        "uma_eqx.load(",
+    )
+    _one_line_error(
+        _run(["convert", str(FIXTURES / "dense.pt"), str(tmp_path / "no" / "o.eqx")], ok=False),
+        "the folder",
+        "does not exist",
+    )
 
 
 def test_fairchem_checkpoint_as_model_is_told_by_content(tmp_path):
@@ -250,8 +280,10 @@ def test_fairchem_checkpoint_as_model_is_told_by_content(tmp_path):
 def test_output_paths_are_checked_before_any_work(tmp_path, cu_file):
     for command in (["predict", str(cu_file)], ["md", str(cu_file)], ["optimize", str(cu_file)]):
         _one_line_error(_run([*command, "--output", str(tmp_path / "out.foo")], ok=False), "unknown output format")
-        _one_line_error(_run([*command, "--output", str(tmp_path / "no" / "out.extxyz")], ok=False),
-                        f"the folder {tmp_path / 'no'} does not exist")
+        _one_line_error(
+            _run([*command, "--output", str(tmp_path / "no" / "out.extxyz")], ok=False),
+            f"the folder {tmp_path / 'no'} does not exist",
+        )
         assert not (tmp_path / "out.foo").exists()
 
 
@@ -280,8 +312,13 @@ def test_errors_through_the_real_entry_point(tmp_path):
     import sys
 
     missing = tmp_path / "missing.cif"
-    proc = subprocess.run([sys.executable, "-m", "uma_eqx.cli", "predict", str(missing), "--model",
-                           str(FIXTURES / "dense.eqx")], capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "uma_eqx.cli", "predict", str(missing), "--model", str(FIXTURES / "dense.eqx")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stdout == "", proc
     assert proc.stderr.strip() == f"Error: structure file not found: {missing}", proc.stderr
 
@@ -291,8 +328,20 @@ def test_md_rate_of_short_runs(tmp_path, cu_file, steps):
     """A run shorter than one --interval records its last step and reports a real rate, never nan."""
     import re
 
-    out = _run(["md", str(cu_file), "--engine", "ase", "--steps", str(steps), "--interval", "10",
-                "--output", str(tmp_path / "md.extxyz")]).stdout
+    out = _run(
+        [
+            "md",
+            str(cu_file),
+            "--engine",
+            "ase",
+            "--steps",
+            str(steps),
+            "--interval",
+            "10",
+            "--output",
+            str(tmp_path / "md.extxyz"),
+        ]
+    ).stdout
     assert "nan" not in out
     rate = float(re.search(r"([0-9.e+]+) steps/s after compilation", out).group(1))
     assert np.isfinite(rate) and rate > 0

@@ -15,7 +15,6 @@ import pytest
 
 import uma_eqx
 
-
 CHILD = textwrap.dedent(
     """
     import json, sys

@@ -9,9 +9,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import FIXTURE_NAMES, FIXTURES
 
 import uma_eqx
-from conftest import FIXTURE_NAMES, FIXTURES
 
 torch = pytest.importorskip("torch", reason="conversion tests need torch (the convert extra)")
 
@@ -121,10 +121,14 @@ def test_config_mismatch_fails(ckpt):
 
 
 def test_unknown_config_key_fails(ckpt):
-    ck = dataclasses.replace(ckpt, model_config={**ckpt.model_config, "backbone": {**ckpt.model_config["backbone"], "fancy_new_option": 1}})
+    ck = dataclasses.replace(
+        ckpt, model_config={**ckpt.model_config, "backbone": {**ckpt.model_config["backbone"], "fancy_new_option": 1}}
+    )
     with pytest.raises(ValueError, match="fancy_new_option"):
         config_from_pytorch_checkpoint(ck)
-    ck = dataclasses.replace(ckpt, model_config={**ckpt.model_config, "backbone": {**ckpt.model_config["backbone"], "act_type": "s2"}})
+    ck = dataclasses.replace(
+        ckpt, model_config={**ckpt.model_config, "backbone": {**ckpt.model_config["backbone"], "act_type": "s2"}}
+    )
     with pytest.raises(ValueError, match=r"act_type='s2' is not supported"):
         config_from_pytorch_checkpoint(ck)
 
@@ -195,7 +199,8 @@ def test_load_works_without_torch():
         "import jax, uma_eqx\n"
         "from ase.build import bulk\n"
         f"m = uma_eqx.load({str(FIXTURES / 'uma_s_1p1.eqx')!r})\n"
-        "g = uma_eqx.AtomicGraph.from_atoms(bulk('Cu', 'fcc', a=3.6), cutoff=6.0, datasets=m.config.datasets, task_name='omat')\n"
+        "g = uma_eqx.AtomicGraph.from_atoms(bulk('Cu', 'fcc', a=3.6), cutoff=6.0,\n"
+        "                                   datasets=m.config.datasets, task_name='omat')\n"
         "print(float(m(g)[0]))\n"
         "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n"
     )

@@ -22,7 +22,6 @@ import sys
 
 import pytest
 
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FIXTURE = ROOT / "tests" / "fixtures" / "uma_s_1p1.eqx"
@@ -65,7 +64,10 @@ def _run_page(page: pathlib.Path) -> dict:
             with contextlib.redirect_stdout(io.StringIO()):
                 exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
         except BaseException:
-            return {"ran": ran, "error": f"example at {page.relative_to(ROOT)}:{line} failed:\n{traceback.format_exc()}"}
+            return {
+                "ran": ran,
+                "error": f"example at {page.relative_to(ROOT)}:{line} failed:\n{traceback.format_exc()}",
+            }
         ran += 1
     return {"ran": ran, "error": None}
 
@@ -85,7 +87,11 @@ def example_results() -> dict[str, dict]:
     procs = {
         page.name: subprocess.Popen(
             [sys.executable, __file__, "--run-page", str(page)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for page in _PAGES
     }
@@ -194,7 +200,11 @@ def test_mkdocs_build_strict(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     pages = sorted((DOCS / "api").glob("*.md"))

@@ -45,8 +45,12 @@ def _graph() -> uma_eqx.AtomicGraph:
     cu.rattle(0.05, seed=1)
     water = ase.build.molecule("H2O")
     return uma_eqx.AtomicGraph.from_atoms(
-        [cu, water], cutoff=_model().config.cutoff, datasets=_model().config.datasets, task_name="omat",
-        dtype=jnp.float64, pad=True,
+        [cu, water],
+        cutoff=_model().config.cutoff,
+        datasets=_model().config.datasets,
+        task_name="omat",
+        dtype=jnp.float64,
+        pad=True,
     )
 
 
@@ -170,8 +174,13 @@ def test_chunks_never_mix_systems_and_hold_every_edge_once():
         for c in range(systems.shape[0]):
             assert set(systems[c][real[c]]) <= {int(chunk_system[c])}
         # every edge exactly once: compare (source, target, x_edge) multisets
-        got = sorted(zip(np.asarray(chunks.source)[real], np.asarray(chunks.target)[real],
-                         np.asarray(chunks.x_edge.basis)[real][:, 0]))
+        got = sorted(
+            zip(
+                np.asarray(chunks.source)[real],
+                np.asarray(chunks.target)[real],
+                np.asarray(chunks.x_edge.basis)[real][:, 0],
+            )
+        )
         want = sorted(zip(np.asarray(frame.source), np.asarray(frame.target), np.asarray(frame.x_edge.basis)[:, 0]))
         assert got == want
         assert not np.asarray(chunks.from_edge.matrix)[~real].any()
@@ -187,8 +196,9 @@ def test_system_aligned_chunks_match_the_plain_multi_system_mole():
     num_systems = graph.charge.shape[0]
     routing = MoLERouting(coefficients, jax.ops.segment_sum(jnp.ones_like(frame.system), frame.system, num_systems))
     assert int((np.asarray(routing.group_sizes) > 0).sum()) >= 2
-    x = jax.random.normal(jax.random.key(1), (graph.atomic_numbers.shape[0], 9, model.config.sphere_channels),
-                          jnp.float64)
+    x = jax.random.normal(
+        jax.random.key(1), (graph.atomic_numbers.shape[0], 9, model.config.sphere_channels), jnp.float64
+    )
     tables = backbone.source_embedding, backbone.target_embedding
     edge_wise = factor_radial_mlps(backbone.blocks[0].edge_wise, *tables)
     plain = jax.ops.segment_sum(edge_wise.messages(x, frame, routing), frame.target, x.shape[0])
@@ -198,9 +208,9 @@ def test_system_aligned_chunks_match_the_plain_multi_system_mole():
     real = np.asarray(graph.atom_mask)
     for size in (7, 64):
         settings = _chunked(size)
-        chunked = jax.jit(lambda e, x: e(x, frame, routing, settings))(edge_wise, x)
+        chunked = jax.jit(lambda e, x, s=settings: e(x, frame, routing, s))(edge_wise, x)
         assert rel_err(np.asarray(chunked), np.asarray(plain)) < TOL
-        skipped = jax.jit(lambda e, x: e(x, frame, active, settings))(edge_wise, x)
+        skipped = jax.jit(lambda e, x, s=settings: e(x, frame, active, s))(edge_wise, x)
         assert rel_err(np.asarray(skipped)[real], np.asarray(plain)[real]) < TOL
 
 

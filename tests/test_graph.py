@@ -18,7 +18,6 @@ from ase.build import bulk, molecule
 from uma_eqx._graph import AtomicGraph, PaddingSpec, bucket_size, pad_graph
 from uma_eqx.neighbors import radius_graph
 
-
 CUTOFF = 6.0
 FAR = CUTOFF + 1.0
 DATASETS = ("oc20", "omat", "omol", "odac", "omc")
@@ -47,23 +46,13 @@ def _structures():
     cases = {}
     cases["cubic"] = _random_atoms(rng, 24, np.eye(3) * 8.0, True)
     # Cell shorter than the cutoff along every axis: many images of each atom.
-    cases["small_cell"] = _random_atoms(
-        rng, 2, [[2.2, 0, 0], [0.3, 2.4, 0], [0.2, 0.4, 2.6]], True, 0, 1, 0.3
-    )
+    cases["small_cell"] = _random_atoms(rng, 2, [[2.2, 0, 0], [0.3, 2.4, 0], [0.2, 0.4, 2.6]], True, 0, 1, 0.3)
     # Strongly skewed triclinic cell (angles far from 90 degrees).
-    cases["skewed"] = _random_atoms(
-        rng, 6, [[4.0, 0, 0], [3.8, 3.0, 0], [3.5, 2.6, 3.2]], True, 0, 1, 0.5
-    )
-    cases["left_handed"] = _random_atoms(
-        rng, 5, [[0, 4.5, 0], [4.0, 0, 0], [0.5, 0.3, 5.0]], True
-    )
+    cases["skewed"] = _random_atoms(rng, 6, [[4.0, 0, 0], [3.8, 3.0, 0], [3.5, 2.6, 3.2]], True, 0, 1, 0.5)
+    cases["left_handed"] = _random_atoms(rng, 5, [[0, 4.5, 0], [4.0, 0, 0], [0.5, 0.3, 5.0]], True)
     # Mixed pbc: a slab, atoms outside the cell along both kinds of axes.
-    cases["slab"] = _random_atoms(
-        rng, 10, [[6.0, 0, 0], [2.0, 5.5, 0], [0, 0, 12.0]], [True, True, False]
-    )
-    cases["wire"] = _random_atoms(
-        rng, 6, [[10.0, 0, 0], [0, 10.0, 0], [0, 0, 3.1]], [False, False, True]
-    )
+    cases["slab"] = _random_atoms(rng, 10, [[6.0, 0, 0], [2.0, 5.5, 0], [0, 0, 12.0]], [True, True, False])
+    cases["wire"] = _random_atoms(rng, 6, [[10.0, 0, 0], [0, 10.0, 0], [0, 0, 3.1]], [False, False, True])
     molecule_ = _random_atoms(rng, 12, np.eye(3) * 7.0, False, 0, 1)
     molecule_.set_cell(np.zeros((3, 3)))
     cases["molecule"] = molecule_
@@ -74,9 +63,7 @@ def _structures():
     # shells up to |n|^2 = 4 (32 images; strict < would give 26).
     cases["images_at_cutoff"] = ase.Atoms("Cu", cell=np.eye(3) * 6.0, pbc=True)
     cases["images_at_half_cutoff"] = ase.Atoms("Cu", cell=np.eye(3) * 3.0, pbc=True)
-    cases["pair_at_cutoff"] = ase.Atoms(
-        "H4", positions=[[0, 0, 0], [6.0, 0, 0], [0, 0, 6.0001], [3.0, 4.0, 0]]
-    )
+    cases["pair_at_cutoff"] = ase.Atoms("H4", positions=[[0, 0, 0], [6.0, 0, 0], [0, 0, 6.0001], [3.0, 4.0, 0]])
     cases["fcc_supercell"] = bulk("Cu", "fcc", a=3.6) * (2, 2, 2)
     return cases
 
@@ -86,9 +73,7 @@ STRUCTURES = _structures()
 
 def _edge_keys(edge_index, shifts):
     """Rows (source, target, sx, sy, sz) and the order that sorts them."""
-    keys = np.concatenate(
-        [np.asarray(edge_index).T, np.rint(np.asarray(shifts))], axis=1
-    ).astype(np.int64)
+    keys = np.concatenate([np.asarray(edge_index).T, np.rint(np.asarray(shifts))], axis=1).astype(np.int64)
     order = np.lexsort(keys.T[::-1])
     return keys[order], order
 
@@ -113,9 +98,7 @@ def _brute_force(positions, cell, pbc, cutoff):
     ranges = [np.arange(-r, r + 1) for r in reps]
     images = np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, 3)
     vec = (
-        positions[None, :, None, :]
-        - positions[:, None, None, :]
-        + (images @ cell)[None, None, :, :]
+        positions[None, :, None, :] - positions[:, None, None, :] + (images @ cell)[None, None, :, :]
     )  # [target, source, image, 3]
     d2 = np.einsum("tsid,tsid->tsi", vec, vec)
     t, s, i = np.nonzero((d2 <= cutoff**2) & (d2 != 0))
@@ -164,9 +147,7 @@ def test_radius_graph_unwrapped_positions_give_same_vectors():
         rows = np.concatenate([index.T, np.round(vectors, 6)], axis=1)
         return rows[np.lexsort(rows.T[::-1])]
 
-    np.testing.assert_allclose(
-        sorted_rows(edge_index, vec), sorted_rows(w_index, w_vec), atol=1e-9
-    )
+    np.testing.assert_allclose(sorted_rows(edge_index, vec), sorted_rows(w_index, w_vec), atol=1e-9)
 
 
 def _max_neighbors_loop(edge_index, d2, num_atoms, max_neighbors):
@@ -217,9 +198,7 @@ def test_radius_graph_errors():
 
 
 def _graph(atoms, task_name="omat", **kwargs):
-    return AtomicGraph.from_atoms(
-        atoms, cutoff=CUTOFF, datasets=DATASETS, task_name=task_name, **kwargs
-    )
+    return AtomicGraph.from_atoms(atoms, cutoff=CUTOFF, datasets=DATASETS, task_name=task_name, **kwargs)
 
 
 def test_from_atoms_fields():
@@ -245,8 +224,10 @@ def test_from_atoms_fields():
 
 def test_positions_wrapped_along_periodic_axes_only():
     atoms = ase.Atoms(
-        "H2", positions=[[-1.0, 7.0, -3.0], [2.0, 2.0, 20.0]],
-        cell=np.eye(3) * 5.0, pbc=[True, True, False],
+        "H2",
+        positions=[[-1.0, 7.0, -3.0], [2.0, 2.0, 20.0]],
+        cell=np.eye(3) * 5.0,
+        pbc=[True, True, False],
     )
     graph = _graph(atoms)
     np.testing.assert_allclose(graph.positions, [[4.0, 2.0, -3.0], [2.0, 2.0, 20.0]])
@@ -281,9 +262,7 @@ def test_batch_equals_concatenated_systems():
             batch.edge_index[:, edge_offset : edge_offset + e],
             single.edge_index + atom_offset,
         )
-        np.testing.assert_array_equal(
-            batch.edge_shift[edge_offset : edge_offset + e], single.edge_shift
-        )
+        np.testing.assert_array_equal(batch.edge_shift[edge_offset : edge_offset + e], single.edge_shift)
         atom_offset, edge_offset = atom_offset + n, edge_offset + e
     assert edge_offset == batch.num_edges
     np.testing.assert_array_equal(batch.dataset_index, [1, 0, 2, 4])
@@ -391,8 +370,9 @@ def test_stack_graphs_has_a_leading_axis():
     with pytest.raises(ValueError, match="leading axes"):
         stacked.edge_vectors(far=7.0)
     with pytest.raises(ValueError, match="pad them to common sizes"):
-        stack_graphs([graphs[0], AtomicGraph.from_atoms(molecule("H2O"), cutoff=CUTOFF, datasets=DATASETS,
-                                                        task_name="omat")])
+        stack_graphs(
+            [graphs[0], AtomicGraph.from_atoms(molecule("H2O"), cutoff=CUTOFF, datasets=DATASETS, task_name="omat")]
+        )
 
 
 def test_bucket_size():
@@ -417,9 +397,7 @@ def _assert_same_real_content(padded, graph):
     np.testing.assert_array_equal(padded.edge_mask[:e], graph.edge_mask)
     for name in ("cell", "charge", "spin", "dataset_index", "system_mask"):
         np.testing.assert_array_equal(getattr(padded, name)[:s], getattr(graph, name))
-    np.testing.assert_array_equal(
-        padded.edge_vectors(FAR)[:e], graph.edge_vectors(FAR)
-    )
+    np.testing.assert_array_equal(padded.edge_vectors(FAR)[:e], graph.edge_vectors(FAR))
 
 
 def test_padding_bucketed():
@@ -509,9 +487,7 @@ def _fairchem_graph(structures, tasks, max_neighbors=300, double=True):
 
     dtype = torch.float64 if double else torch.float32
     data = [
-        AtomicData.from_ase(
-            a, task_name=t, r_data_keys=["spin", "charge"], target_dtype=dtype
-        )
+        AtomicData.from_ase(a, task_name=t, r_data_keys=["spin", "charge"], target_dtype=dtype)
         for a, t in zip(structures, tasks)
     ]
     batch = atomicdata_list_to_batch(data)
@@ -588,22 +564,20 @@ def test_max_neighbors_matches_fairchem(max_neighbors, rattle):
 def test_dense_system_over_300_neighbors_matches_fairchem():
     rng = np.random.default_rng(7)
     atoms = ase.Atoms(
-        numbers=np.full(800, 6), positions=rng.uniform(0, 12.0, (800, 3)),
-        cell=np.eye(3) * 12.0, pbc=True,
+        numbers=np.full(800, 6),
+        positions=rng.uniform(0, 12.0, (800, 3)),
+        cell=np.eye(3) * 12.0,
+        pbc=True,
     )
     graph, reference = _compare_with_fairchem([atoms], ["omat"])
-    _, uncapped = radius_graph(
-        np.asarray(graph.positions, np.float64), atoms.cell[:], True, CUTOFF, None
-    )
+    _, uncapped = radius_graph(np.asarray(graph.positions, np.float64), atoms.cell[:], True, CUTOFF, None)
     counts = np.bincount(np.asarray(graph.edge_index[1]), minlength=800)
     assert uncapped.shape[0] > graph.num_edges  # the cap removed edges
     assert counts.max() > 300 and counts.min() >= 301
 
 
 @pytest.mark.parametrize("task", ["omol", "omat", "oc20"])
-@pytest.mark.parametrize(
-    "info", [{}, {"charge": 2}, {"spin": 4}, {"charge": -1, "spin": 2}]
-)
+@pytest.mark.parametrize("info", [{}, {"charge": 2}, {"spin": 4}, {"charge": -1, "spin": 2}])
 def test_charge_spin_match_fairchem_validation(task, info):
     pytest.importorskip("fairchem.core")
     from fairchem.core.units.mlip_unit.api.inference import validate_uma_atoms_data

@@ -33,7 +33,9 @@ def _skewed_cu(seed=1):
 
 def _host(model, atoms):
     cfg = model.config
-    graph = uma_eqx.AtomicGraph.from_atoms(atoms, cutoff=cfg.cutoff, datasets=cfg.datasets, task_name=TASK, dtype=model.dtype)
+    graph = uma_eqx.AtomicGraph.from_atoms(
+        atoms, cutoff=cfg.cutoff, datasets=cfg.datasets, task_name=TASK, dtype=model.dtype
+    )
     return uma_eqx.energy_forces_stress(model, graph)
 
 
@@ -129,7 +131,12 @@ def test_nve_energy_conservation(dtype, bound):
     nbrs = neighbor_fn.allocate(R)
     state = init(jax.random.PRNGKey(0), R, kT=300 * ujmd.BOLTZMANN, mass=mass, neighbor=nbrs)
     state, nbrs, obs = ujmd.run(
-        lambda s, n: apply(s, neighbor=n), state, nbrs, neighbor_fn, 1000, steps_per_chunk=500,
+        lambda s, n: apply(s, neighbor=n),
+        state,
+        nbrs,
+        neighbor_fn,
+        1000,
+        steps_per_chunk=500,
         observe=_total_energy(energy_fn),
     )
     energy = np.concatenate([np.asarray(o, np.float64) for o in obs])
@@ -149,7 +156,9 @@ def test_thermostats_barostat_and_fire(model64):
     ):
         init, apply = make()
         state = init(jax.random.PRNGKey(1), R, mass=mass, neighbor=nbrs)
-        state, _, _ = ujmd.run(lambda s, n: apply(s, neighbor=n), state, nbrs, neighbor_fn, 20, steps_per_chunk=10)
+        state, _, _ = ujmd.run(
+            lambda s, n, apply=apply: apply(s, neighbor=n), state, nbrs, neighbor_fn, 20, steps_per_chunk=10
+        )
         assert np.all(np.isfinite(np.asarray(state.position)))
 
     # NPT needs fractional coordinates and the box passed through.
@@ -183,10 +192,15 @@ def test_run_reallocates_on_overflow(model64):
         nbrs = neighbor_fn.allocate(R)
         state = init(jax.random.PRNGKey(4), R, kT=3000 * ujmd.BOLTZMANN, mass=mass, neighbor=nbrs)
         capacity0 = nbrs.capacity
+
         # the energy observed every step (energy_fn refuses an overflowed list: the driver must
         # not observe the step that overflowed) and once per chunk
-        energy = lambda s, n: energy_fn(s.position, neighbor=n)  # noqa: E731
-        step = lambda s, n: apply(s, neighbor=n)  # noqa: E731
+        def energy(s, n, energy_fn=energy_fn):
+            return energy_fn(s.position, neighbor=n)
+
+        def step(s, n, apply=apply):
+            return apply(s, neighbor=n)
+
         _, _, last = ujmd.run(step, state, nbrs, neighbor_fn, 40, steps_per_chunk=10, observe=energy, observe_last=True)
         state, nbrs, every = ujmd.run(step, state, nbrs, neighbor_fn, 40, steps_per_chunk=10, observe=energy)
         results.append((np.asarray(state.position), capacity0, nbrs.capacity, np.concatenate(every), np.stack(last)))

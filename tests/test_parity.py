@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import uma_eqx
 from _cases import case_atoms, reference, stress_offset, voigt
 from conftest import FIXTURE_NAMES, FIXTURES, TOLERANCES, rel_err
+
+import uma_eqx
 
 _efs = jax.jit(uma_eqx.energy_forces_stress)
 
@@ -29,8 +29,12 @@ def _run_batch(name: str, dtype: str, cases: list[dict]):
     model = uma_eqx.load(FIXTURES / f"{name}.eqx", dtype=getattr(jnp, dtype))
     atoms = [case_atoms(c) for c in cases]
     graph = uma_eqx.AtomicGraph.from_atoms(
-        atoms, cutoff=model.config.cutoff, datasets=model.config.datasets,
-        task_name=[c["task"] for c in cases], dtype=getattr(jnp, dtype), pad=True,
+        atoms,
+        cutoff=model.config.cutoff,
+        datasets=model.config.datasets,
+        task_name=[c["task"] for c in cases],
+        dtype=getattr(jnp, dtype),
+        pad=True,
     )
     out = _efs(model, graph)
     splits = np.cumsum([len(a) for a in atoms])[:-1]

@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cases import case_atoms, reference, stress_offset
 from ase import Atoms
 from ase.build import bulk
 from ase.io import write
+from conftest import FIXTURES, rel_err
 
 import uma_eqx
-from _cases import case_atoms, reference, stress_offset
-from conftest import FIXTURES, rel_err
 from uma_eqx.calculator import UMACalculator
 
 

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cases import case_atoms, reference
 from ase import Atoms
+from conftest import FIXTURES, rel_err
 
 import uma_eqx
-from _cases import case_atoms, reference
-from conftest import FIXTURES, rel_err
 from uma_eqx import so3
 
 #: Relative tolerances (max abs error / max abs reference, `conftest.rel_err`).
@@ -79,8 +79,12 @@ ACETAMIDE, ZN_CO2 = _case("omc_acetamide"), _case("odac_zn_co2")
 def _graph(model, systems, pad=CAPS, dtype=jnp.float64) -> uma_eqx.AtomicGraph:
     atoms, tasks = zip(*systems)
     return uma_eqx.AtomicGraph.from_atoms(
-        list(atoms), cutoff=model.config.cutoff, datasets=model.config.datasets, task_name=list(tasks),
-        dtype=dtype, pad=pad,
+        list(atoms),
+        cutoff=model.config.cutoff,
+        datasets=model.config.datasets,
+        task_name=list(tasks),
+        dtype=dtype,
+        pad=pad,
     )
 
 
@@ -293,8 +297,16 @@ def _tiny_model(num_experts: int) -> uma_eqx.UMA:
     running `UMA(config, key=...)` eagerly compiles every jax.random call, ~20 s)."""
     experts = dict(num_experts=num_experts, use_composition_embedding=True) if num_experts else {}
     config = uma_eqx.UMAConfig(
-        sphere_channels=4, hidden_channels=4, edge_channels=4, lmax=1, mmax=1, num_layers=1,
-        num_distance_basis=4, cutoff=4.0, datasets=("omat", "omol"), dataset_embedding_names=("omat", "omol"),
+        sphere_channels=4,
+        hidden_channels=4,
+        edge_channels=4,
+        lmax=1,
+        mmax=1,
+        num_layers=1,
+        num_distance_basis=4,
+        cutoff=4.0,
+        datasets=("omat", "omol"),
+        dataset_embedding_names=("omat", "omol"),
         **experts,
     )
     skeleton = eqx.filter_eval_shape(uma_eqx.UMA, config, jnp.float64, key=jax.random.key(0))

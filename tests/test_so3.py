@@ -128,7 +128,10 @@ def test_wigner_d_orthogonal_block_diagonal_and_l1_is_r():
 def test_wigner_d_homomorphism_and_inverse():
     rng = np.random.default_rng(3)
     r1, r2 = _random_rotation(rng), _random_rotation(rng)
-    d = lambda r: np.asarray(_wigner(jnp.asarray(r), LMAX_SH))
+
+    def d(r):
+        return np.asarray(_wigner(jnp.asarray(r), LMAX_SH))
+
     np.testing.assert_allclose(d(r1 @ r2), d(r1) @ d(r2), atol=1e-11)
     np.testing.assert_allclose(d(r1.T), d(r1).T, atol=1e-11)
     np.testing.assert_allclose(d(np.eye(3)), np.eye((LMAX_SH + 1) ** 2), atol=ATOL_EXACT)

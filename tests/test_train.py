@@ -12,14 +12,25 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
+from conftest import FIXTURES
 
 import uma_eqx
-from conftest import FIXTURES
 from uma_eqx.train import TrainConfig, read_dataset, train, trainable_filter
 
 ROOT = pathlib.Path(__file__).parents[1]
-SMALL = dict(sphere_channels=8, hidden_channels=8, edge_channels=4, lmax=2, mmax=2, num_layers=1,
-             num_distance_basis=8, cutoff=4.5, datasets=["omat"], num_experts=2, use_composition_embedding=True)
+SMALL = dict(
+    sphere_channels=8,
+    hidden_channels=8,
+    edge_channels=4,
+    lmax=2,
+    mmax=2,
+    num_layers=1,
+    num_distance_basis=8,
+    cutoff=4.5,
+    datasets=["omat"],
+    num_experts=2,
+    use_composition_embedding=True,
+)
 
 
 def _frames(n, seed=0):
@@ -45,8 +56,18 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw):
-    base = dict(train=[str(data / "train.extxyz")], valid=[str(data / "val.extxyz")], out_dir=str(out), model=SMALL,
-                epochs=4, batch_size=4, learning_rate=1e-2, warmup_steps=2, fit_references=True, progress=False)
+    base = dict(
+        train=[str(data / "train.extxyz")],
+        valid=[str(data / "val.extxyz")],
+        out_dir=str(out),
+        model=SMALL,
+        epochs=4,
+        batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        fit_references=True,
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -55,7 +76,14 @@ def test_loss_falls_outputs_written_and_resume_is_exact(data, tmp_path):
     full, result = train(_cfg(data, tmp_path / "a", epochs=8), resume=False)
     hist = result["history"]
     assert hist[-1]["train_loss"] < 0.7 * hist[0]["train_loss"]
-    for name in ("model.eqx", "metrics.csv", "metrics.json", "learning_curve.png", "checkpoint.eqx", "checkpoint.state"):
+    for name in (
+        "model.eqx",
+        "metrics.csv",
+        "metrics.json",
+        "learning_curve.png",
+        "checkpoint.eqx",
+        "checkpoint.state",
+    ):
         assert (tmp_path / "a" / name).exists(), name
     assert "val_forces_mae_meV_per_A" in hist[-1]
     back = uma_eqx.load(tmp_path / "a" / "model.eqx")
@@ -71,22 +99,43 @@ def test_loss_falls_outputs_written_and_resume_is_exact(data, tmp_path):
 def test_fine_tune_converted_fixture_with_frozen_backbone(data, tmp_path):
     """Fine-tune the converted uma-s-1p1 fixture, heads only: backbone bit-identical, loss falls, reload."""
     init = uma_eqx.load(FIXTURES / "uma_s_1p1.eqx")
-    cfg = _cfg(data, tmp_path / "ft", model=None, init=str(FIXTURES / "uma_s_1p1.eqx"), freeze="backbone",
-               epochs=3, ema_decay=0.0, fit_references=False, learning_rate=1e-2)
+    cfg = _cfg(
+        data,
+        tmp_path / "ft",
+        model=None,
+        init=str(FIXTURES / "uma_s_1p1.eqx"),
+        freeze="backbone",
+        epochs=3,
+        ema_decay=0.0,
+        fit_references=False,
+        learning_rate=1e-2,
+    )
     tuned, result = train(cfg, resume=False)
     for a, b in zip(jax.tree.leaves(init.backbone), jax.tree.leaves(tuned.backbone)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init.energy_head), jax.tree.leaves(tuned.energy_head)))
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init.energy_head), jax.tree.leaves(tuned.energy_head))
+    )
     hist = result["history"]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
-    code = ("import sys; sys.modules['torch'] = None\nimport uma_eqx, jax\nfrom ase.build import bulk\n"
-            f"m = uma_eqx.load({str(tmp_path / 'ft' / 'model.eqx')!r})\n"
-            "g = uma_eqx.AtomicGraph.from_atoms(bulk('Cu','fcc',a=3.6), cutoff=6.0, datasets=m.config.datasets, task_name='omat')\n"
-            "print(repr(float(m(g)[0])))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys; sys.modules['torch'] = None\nimport uma_eqx, jax\nfrom ase.build import bulk\n"
+        f"m = uma_eqx.load({str(tmp_path / 'ft' / 'model.eqx')!r})\n"
+        "g = uma_eqx.AtomicGraph.from_atoms(bulk('Cu','fcc',a=3.6), cutoff=6.0,\n"
+        "                                   datasets=m.config.datasets, task_name='omat')\n"
+        "print(repr(float(m(g)[0])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-1500:]
-    g = uma_eqx.AtomicGraph.from_atoms(bulk("Cu", "fcc", a=3.6), cutoff=6.0, datasets=tuned.config.datasets, task_name="omat")
+    g = uma_eqx.AtomicGraph.from_atoms(
+        bulk("Cu", "fcc", a=3.6), cutoff=6.0, datasets=tuned.config.datasets, task_name="omat"
+    )
     assert float(out.stdout.split()[-1]) == pytest.approx(float(tuned(g)[0]), rel=1e-6)
 
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
+from conftest import FIXTURES
 
 import uma_eqx
-from conftest import FIXTURES
 
 
 @functools.cache

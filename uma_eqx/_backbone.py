@@ -7,9 +7,9 @@ from jaxtyping import Array, Float
 
 from ._block import EdgeFrame, UMABlock, make_norm
 from ._config import ChargeSpinEmbeddingType, ExpertNorm, UMAConfig
-from ._settings import DEFAULT_SETTINGS, ExecutionSettings
 from ._constants import EDGE_DEGREE_RESCALE, MOLE_SOFTMAX_OFFSET
 from ._graph import AtomicGraph
+from ._settings import DEFAULT_SETTINGS, ExecutionSettings
 from .nn import (
     AbstractChargeSpinEmbedding,
     AbstractEquivariantNorm,
@@ -40,7 +40,9 @@ def make_charge_spin_embedding(config: UMAConfig, target: ChargeSpinTarget, dtyp
         case "lin_emb":
             return LinearChargeSpinEmbedding(target, config.sphere_channels, dtype, trainable, key=key)
         case other:
-            raise ValueError(f"unknown chg_spin_emb_type {other!r}: use one of {list(ChargeSpinEmbeddingType.__args__)}")
+            raise ValueError(
+                f"unknown chg_spin_emb_type {other!r}: use one of {list(ChargeSpinEmbeddingType.__args__)}"
+            )
 
 
 class ExpertRouter(eqx.Module):
@@ -72,7 +74,8 @@ class ExpertRouter(eqx.Module):
         self.composition_mean_includes_self = config.composition_mean_includes_self
         if config.expert_coefficient_norm not in ExpertNorm.__args__:
             raise ValueError(
-                f"unknown expert_coefficient_norm {config.expert_coefficient_norm!r}: use one of {list(ExpertNorm.__args__)}"
+                f"unknown expert_coefficient_norm {config.expert_coefficient_norm!r}: "
+                f"use one of {list(ExpertNorm.__args__)}"
             )
         self.coefficient_norm = config.expert_coefficient_norm
 
@@ -84,7 +87,9 @@ class ExpertRouter(eqx.Module):
             num_systems = system_embedding.shape[0]
             per_atom = self.composition_embedding[graph.atomic_numbers] * graph.atom_mask[:, None]
             total = jax.ops.segment_sum(per_atom, graph.system_index, num_segments=num_systems)
-            count = jax.ops.segment_sum(graph.atom_mask.astype(total.dtype), graph.system_index, num_segments=num_systems)
+            count = jax.ops.segment_sum(
+                graph.atom_mask.astype(total.dtype), graph.system_index, num_segments=num_systems
+            )
             if self.composition_mean_includes_self:
                 count = count + 1
             features.insert(0, total / jnp.where(count > 0, count, 1)[:, None])

@@ -12,7 +12,6 @@ the clock stops. Peak RSS is the process's `ru_maxrss` so far (it only grows), s
 size per process when memory matters (as `benchmarks/compare_fairchem.py` does).
 """
 
-
 import math
 import resource
 import statistics

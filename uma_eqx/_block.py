@@ -27,6 +27,7 @@ from .nn import (
 )
 from .so3 import Rotation, coefficient_layout, s2_grid_matrices
 
+
 def make_norm(norm_type: NormType, lmax: int, channels: int, dtype=None) -> AbstractEquivariantNorm:
     """The equivariant norm named `norm_type` (`nn/layer_norm.py:get_normalization_layer`).
 
@@ -179,7 +180,9 @@ class Edgewise(eqx.Module):
         """
         k1, k2 = jax.random.split(key)
         c, h = sphere_channels, hidden_channels
-        self.so2_conv_1 = SO2Convolution(2 * c, h, lmax, mmax, list(radial_channels), lmax * h, num_experts, dtype, key=k1)
+        self.so2_conv_1 = SO2Convolution(
+            2 * c, h, lmax, mmax, list(radial_channels), lmax * h, num_experts, dtype, key=k1
+        )
         self.so2_conv_2 = SO2Convolution(h, c, lmax, mmax, None, 0, num_experts, dtype, key=k2)
         self.lmax, self.mmax = lmax, mmax
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import jax
 
-
 #: Environment variable naming the cache directory (our choice of name).
 CACHE_DIR_ENV = "UMA_EQX_CACHE_DIR"
 

@@ -16,7 +16,6 @@ from jaxtyping import Array, Bool, Float, Int
 from ._constants import CHARGE_RANGE, MAX_NEIGHBORS, MIN_ATOM_DISTANCE, SPIN_RANGE
 from .neighbors import radius_graph
 
-
 if TYPE_CHECKING:
     import ase
 
@@ -176,7 +175,7 @@ class AtomicGraph(eqx.Module):
         return eqx.tree_at(lambda g: g.positions, self, positions)
 
     @property
-    def num_atoms_per_system(self) -> Int[Array, "systems"]:
+    def num_atoms_per_system(self) -> Int[Array, " systems"]:
         """Number of real (unmasked) atoms in each system; 0 for padded systems."""
         return jax.ops.segment_sum(
             self.atom_mask.astype(jnp.int32),
@@ -350,14 +349,10 @@ class AtomicGraph(eqx.Module):
             structures = list(atoms)
         else:
             raise ValueError(
-                "AtomicGraph.from_atoms needs an ase.Atoms or a sequence of them, got "
-                f"{type(atoms).__name__}."
+                f"AtomicGraph.from_atoms needs an ase.Atoms or a sequence of them, got {type(atoms).__name__}."
             )
         if len(structures) == 0:
-            raise ValueError(
-                "AtomicGraph.from_atoms got an empty sequence of structures; pass at "
-                "least one ase.Atoms."
-            )
+            raise ValueError("AtomicGraph.from_atoms got an empty sequence of structures; pass at least one ase.Atoms.")
         tasks = _task_names(task_name, len(structures))
         datasets = list(datasets)
 
@@ -367,9 +362,7 @@ class AtomicGraph(eqx.Module):
         offset = 0
         for k, (system, task) in enumerate(zip(structures, tasks)):
             if not isinstance(system, ase.Atoms):
-                raise ValueError(
-                    f"Structure #{k} is a {type(system).__name__}, not an ase.Atoms."
-                )
+                raise ValueError(f"Structure #{k} is a {type(system).__name__}, not an ase.Atoms.")
             if task not in datasets:
                 raise ValueError(
                     f"task_name {task!r} (structure #{k}) is not one of the model's "
@@ -495,15 +488,8 @@ class PaddingSpec:
     def __post_init__(self):
         for name in ("num_atoms", "num_edges", "num_systems"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, (int, np.integer))
-                or value < 1
-            ):
-                raise ValueError(
-                    f"PaddingSpec.{name} must be a positive int or None (bucketed), "
-                    f"got {value!r}."
-                )
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"PaddingSpec.{name} must be a positive int or None (bucketed), got {value!r}.")
 
     def sizes(self, graph: AtomicGraph) -> tuple[int, int, int]:
         """The `(num_atoms, num_edges, num_systems)` to pad an unpadded `graph` to.
@@ -528,9 +514,7 @@ class PaddingSpec:
         return atoms, edges, systems
 
 
-def pad_graph(
-    graph: AtomicGraph, num_atoms: int, num_edges: int, num_systems: int
-) -> AtomicGraph:
+def pad_graph(graph: AtomicGraph, num_atoms: int, num_edges: int, num_systems: int) -> AtomicGraph:
     """Pad a graph with masked atoms, edges and systems to the given sizes.
 
     New atoms go to the last system, new edges are zero-shift self-loops on the last
@@ -557,8 +541,7 @@ def pad_graph(
     for name, (new, old) in sizes.items():
         if isinstance(new, bool) or not isinstance(new, (int, np.integer)) or new < old:
             raise ValueError(
-                f"pad_graph: {name}={new!r} must be an int >= the graph's current "
-                f"{old}; use a larger {name}."
+                f"pad_graph: {name}={new!r} must be an int >= the graph's current {old}; use a larger {name}."
             )
     add_atoms = num_atoms - graph.num_atoms
     add_edges = num_edges - graph.num_edges
@@ -599,7 +582,7 @@ def pad_graph(
     )
 
 
-def _last_is_real(mask: Bool[Array, "n"]) -> bool:
+def _last_is_real(mask: Bool[Array, " n"]) -> bool:
     """Whether the last entry is real; `True` (conservative) when traced or empty."""
     if isinstance(mask, jax.core.Tracer) or mask.shape[0] == 0:
         return True
@@ -611,29 +594,21 @@ def _task_names(task_name: str | Sequence[str], num_systems: int) -> list[str]:
         return [task_name] * num_systems
     tasks = list(task_name)
     if len(tasks) != num_systems or not all(isinstance(t, str) for t in tasks):
-        raise ValueError(
-            f"task_name must be a str or one str per structure ({num_systems}), got "
-            f"{task_name!r}."
-        )
+        raise ValueError(f"task_name must be a str or one str per structure ({num_systems}), got {task_name!r}.")
     return tasks
 
 
 def _checked_geometry(
     system: "ase.Atoms", k: int
-) -> tuple[
-    Float[np.ndarray, "atoms 3"], Float[np.ndarray, "3 3"], Bool[np.ndarray, "3"]
-]:
+) -> tuple[Float[np.ndarray, "atoms 3"], Float[np.ndarray, "3 3"], Bool[np.ndarray, "3"]]:
     """Positions, complete cell and pbc of one structure, with fairchem's checks."""
     if len(system) == 0:
-        raise ValueError(
-            f"Structure #{k} ({system!r}) has no atoms; remove it from the batch."
-        )
+        raise ValueError(f"Structure #{k} ({system!r}) has no atoms; remove it from the batch.")
     pos = np.array(system.get_positions(), dtype=np.float64)
     if not np.all(np.isfinite(pos)):
         atom = int(np.argwhere(~np.isfinite(pos))[0, 0])
         raise ValueError(
-            f"Structure #{k} has a non-finite position {pos[atom].tolist()} at atom "
-            f"{atom}; positions must be finite."
+            f"Structure #{k} has a non-finite position {pos[atom].tolist()} at atom {atom}; positions must be finite."
         )
     pbc = np.array(system.pbc, dtype=bool)
     given = np.array(system.cell, dtype=np.float64)
@@ -661,8 +636,11 @@ def _checked_geometry(
 
 
 def _check_min_distance(
-    pos: Float[np.ndarray, "atoms 3"], cell: Float[np.ndarray, "3 3"], pbc: Bool[np.ndarray, "3"],
-    min_distance: float, k: int,
+    pos: Float[np.ndarray, "atoms 3"],
+    cell: Float[np.ndarray, "3 3"],
+    pbc: Bool[np.ndarray, "3"],
+    min_distance: float,
+    k: int,
 ) -> None:
     """Refuse two atoms, or an atom and a periodic image of another, closer than `min_distance`."""
     import vesin
@@ -699,8 +677,7 @@ def _charge_and_spin(info: dict, task: str, k: int) -> tuple[int, int]:
             )
         if not low <= value <= high:
             raise ValueError(
-                f"Structure #{k}: atoms.info[{name!r}] = {value} is outside the "
-                f"allowed range [{low}, {high}]."
+                f"Structure #{k}: atoms.info[{name!r}] = {value} is outside the allowed range [{low}, {high}]."
             )
         out.append(int(value))
     return out[0], out[1]

@@ -4,7 +4,6 @@ import codecs
 import dataclasses
 import json
 import os
-import warnings
 import zipfile
 
 import equinox as eqx
@@ -14,6 +13,12 @@ import jax.numpy as jnp
 from ._config import UMAConfig
 from ._heads import EnergyReferences
 from ._potential import UMA, merge_experts
+
+
+def _x64_enabled() -> bool:
+    """Whether `jax_enable_x64` is on now."""
+    return jax.config.jax_enable_x64  # pyright: ignore[reportAttributeAccessIssue]  # jax adds config options as attributes at run time
+
 
 #: The first bytes of every `.eqx` model file: this package's own signature, written by [`save`][].
 MAGIC = b"UMA-EQX\n"
@@ -222,7 +227,9 @@ def _read_header(f, path: str) -> dict:
         raise _corrupt(path, f"a JSON {type(header).__name__}, not an object")
     version = header.get("format_version")
     valid_version = isinstance(version, int) and not isinstance(version, bool) and version >= 1
-    if valid_version and version > FORMAT_VERSION:  # checked first: a newer layout may have other keys
+    if (
+        isinstance(version, int) and valid_version and version > FORMAT_VERSION
+    ):  # checked first: a newer layout may have other keys
         raise ValueError(
             f"{path!r} has format version {version}, newer than this uma_eqx reads (up to {FORMAT_VERSION}): "
             "upgrade uma_eqx (pip install -U uma_eqx)"
@@ -269,7 +276,7 @@ def load(path: str | os.PathLike, dtype=None) -> UMA:
     reads (see [`read_header`][]).
     """
     path = _existing_file(path, "model file")
-    if dtype is not None and jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+    if dtype is not None and jnp.dtype(dtype) == jnp.float64 and not _x64_enabled():
         raise ValueError("dtype=float64 needs jax.config.update('jax_enable_x64', True) first")
     with open(path, "rb") as f:
         header = _read_header(f, path)
@@ -280,7 +287,7 @@ def load(path: str | os.PathLike, dtype=None) -> UMA:
         stored = jnp.dtype(header["dtype"])
         skeleton = eqx.filter_eval_shape(UMA, config, stored, key=jax.random.key(0))
         ref_dtype = jnp.dtype(header.get("references_dtype", header["dtype"]))
-        if ref_dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        if ref_dtype == jnp.float64 and not _x64_enabled():
             ref_dtype = jnp.dtype(jnp.float32)  # read as float32 when JAX runs without x64
         refs = eqx.filter_eval_shape(EnergyReferences, len(config.datasets), config.max_num_elements, ref_dtype)
         skeleton = eqx.tree_at(lambda m: m.references, skeleton, refs)
@@ -289,15 +296,6 @@ def load(path: str | os.PathLike, dtype=None) -> UMA:
         model = _read_leaves(f, path, skeleton)
     if dtype is not None:
         refs = model.references
-        if jnp.dtype(dtype) == jnp.float64 and refs.energy_rmsd.dtype != jnp.float64:
-            warnings.warn(
-                f"{os.fspath(path)!r} stores its energy normalisers and element references in "
-                f"{jnp.dtype(refs.energy_rmsd.dtype).name}: a float64 run of it carries their float32 rounding "
-                "(~1e-8 relative in energy); convert the checkpoint again with `uma-eqx convert` (which keeps them "
-                "in float64) for a float64 run that is float64 throughout",
-                UserWarning,
-                stacklevel=2,
-            )
         model = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
         # energy references keep their stored precision (float64 when saved from a float64 run)
         model = eqx.tree_at(lambda m: m.references, model, refs)
@@ -337,9 +335,9 @@ def _read_leaves(f, path: str, skeleton: UMA) -> UMA:
     try:
         model = eqx.tree_deserialise_leaves(f, skeleton, filter_spec=read_leaf)
     except Exception as e:
-        cause = e
-        while not isinstance(cause, _LeafError) and (cause.__cause__ or cause.__context__) is not None:
-            cause = cause.__cause__ or cause.__context__
+        cause: BaseException = e
+        while not isinstance(cause, _LeafError) and (outer := cause.__cause__ or cause.__context__) is not None:
+            cause = outer
         raise ValueError(f"{path!r}: truncated or corrupt model weights ({cause}); save or convert it again") from e
     extra = os.fstat(f.fileno()).st_size - f.tell()
     if extra:

@@ -69,7 +69,9 @@ class UMA(eqx.Module):
             return None
         expert = jnp.asarray(self.config.head_dataset_experts)[graph.dataset_index]
         coefficients = jax.nn.one_hot(expert, num_heads, dtype=self.dtype)
-        sizes = jax.ops.segment_sum(jnp.ones_like(graph.system_index), graph.system_index, num_segments=graph.charge.shape[0])
+        sizes = jax.ops.segment_sum(
+            jnp.ones_like(graph.system_index), graph.system_index, num_segments=graph.charge.shape[0]
+        )
         return MoLERouting(coefficients, sizes)
 
     def node_energies(

@@ -68,7 +68,9 @@ def _load_model(path: str | None):
     from uma_eqx._io import file_kind
 
     if path is None:
-        click.echo("model: built-in default model (trained on EMT for Cu Ag Au Ni Pd Pt Al; pass --model for UMA)", err=True)
+        click.echo(
+            "model: built-in default model (trained on EMT for Cu Ag Au Ni Pd Pt Al; pass --model for UMA)", err=True
+        )
         return uma_eqx.default_model()
     if not os.path.exists(path):
         raise _Fail(f"model file not found: {path} (give a .eqx file, or a fairchem .pt to convert)")
@@ -164,13 +166,20 @@ def _set_charge_spin(atoms, charge, spin):
         atoms.info["spin"] = spin
 
 
-_MODEL_OPTION = click.option("--model", "model_path", default=None, type=click.Path(),
-                             help="A .eqx model (or fairchem .pt); default: the built-in model.")
-_TASK_OPTION = click.option("--task", default=None,
-                            help="Task name (omat, omol, oc20, ...); default: info['task'] or the model's only task.")
+_MODEL_OPTION = click.option(
+    "--model",
+    "model_path",
+    default=None,
+    type=click.Path(),
+    help="A .eqx model (or fairchem .pt); default: the built-in model.",
+)
+_TASK_OPTION = click.option(
+    "--task", default=None, help="Task name (omat, omol, oc20, ...); default: info['task'] or the model's only task."
+)
 _CHARGE_OPTION = click.option("--charge", type=int, default=None, help="Total charge (default: info['charge'] or 0).")
-_SPIN_OPTION = click.option("--spin", type=int, default=None,
-                            help="Spin multiplicity (default: info['spin'], or 1 for omol, 0 otherwise).")
+_SPIN_OPTION = click.option(
+    "--spin", type=int, default=None, help="Spin multiplicity (default: info['spin'], or 1 for omol, 0 otherwise)."
+)
 
 
 @main.command()
@@ -207,48 +216,74 @@ def predict(structures, model_path, task, charge, spin, batch_size, output):
         atoms_list.append(atoms)
     # A bad structure (unknown task, element outside the model, NaN or overlapping positions, bad
     # charge/spin) becomes an error row in its place; the others still run.
-    results = uma_eqx.predict(model, atoms_list, task_name=task, batch_size=batch_size, progress=len(items) > 2,
-                              on_error="skip")
+    results = uma_eqx.predict(
+        model, atoms_list, task_name=task, batch_size=batch_size, progress=len(items) > 2, on_error="skip"
+    )
     rows, frames, failed = [], [], []
     for k, ((path, index, atoms), r) in enumerate(zip(items, results, strict=True)):
         label = str(atoms.info.get("name", f"{pathlib.Path(path).name}[{index}]"))
         if "error" not in r and not (np.isfinite(r["energy"]) and np.all(np.isfinite(r["forces"]))):
-            r = {"error": "the model returned a non-finite energy or forces (NaN/inf)", "natoms": r["natoms"],
-                 "task": r["task"]}
+            r = {
+                "error": "the model returned a non-finite energy or forces (NaN/inf)",
+                "natoms": r["natoms"],
+                "task": r["task"],
+            }
         if "error" in r:
-            message = _name_frame(r["error"], k, f"{path}[{index}]")
+            message = _name_frame(str(r["error"]), k, f"{path}[{index}]")
             failed.append(message)
             rows.append({"structure": label, "task": r["task"], "natoms": r["natoms"], "error": message})
             continue
-        s = r["stress"]
+        s, forces, energy, natoms = (
+            np.asarray(r["stress"]),
+            np.asarray(r["forces"]),
+            float(r["energy"]),
+            int(r["natoms"]),
+        )
         voigt = [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]]
-        rows.append({"structure": label, "task": r["task"], "natoms": r["natoms"], "energy_eV": r["energy"],
-                     "energy_per_atom_eV": r["energy"] / r["natoms"],
-                     "max_force_eV_A": float(np.linalg.norm(r["forces"], axis=1).max()),
-                     "stress_eV_A3": [float(v) for v in voigt], "forces_eV_A": r["forces"].tolist()})
-        atoms.calc = SinglePointCalculator(atoms, energy=r["energy"], forces=r["forces"], stress=np.asarray(voigt))
+        rows.append(
+            {
+                "structure": label,
+                "task": r["task"],
+                "natoms": natoms,
+                "energy_eV": energy,
+                "energy_per_atom_eV": energy / natoms,
+                "max_force_eV_A": float(np.linalg.norm(forces, axis=1).max()),
+                "stress_eV_A3": [float(v) for v in voigt],
+                "forces_eV_A": forces.tolist(),
+            }
+        )
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, stress=np.asarray(voigt))
         frames.append(atoms)
     if len(failed) < len(rows):
-        click.echo(f"{'structure':24s} {'task':6s} {'atoms':>5s} {'E (eV)':>14s} {'E/atom':>10s} {'max|F| eV/Å':>12s}"
-                   "  stress (eV/Å³, Voigt)")
+        click.echo(
+            f"{'structure':24s} {'task':6s} {'atoms':>5s} {'E (eV)':>14s} {'E/atom':>10s} {'max|F| eV/Å':>12s}"
+            "  stress (eV/Å³, Voigt)"
+        )
     for r in rows:
         if "error" in r:
             continue
         sv = " ".join(f"{v:+.4f}" for v in r["stress_eV_A3"])
-        click.echo(f"{r['structure'][:24]:24s} {r['task']:6s} {r['natoms']:5d} {r['energy_eV']:14.6f} "
-                   f"{r['energy_per_atom_eV']:10.5f} {r['max_force_eV_A']:12.5f}  {sv}")
+        click.echo(
+            f"{r['structure'][:24]:24s} {r['task']:6s} {r['natoms']:5d} {r['energy_eV']:14.6f} "
+            f"{r['energy_per_atom_eV']:10.5f} {r['max_force_eV_A']:12.5f}  {sv}"
+        )
     if output:
         note = _write(output, rows, frames)
         click.echo(f"wrote {output}{note}")
     for message in failed[:_MAX_ERROR_LINES]:
         click.echo(f"Error: {message}", err=True)
     if len(failed) > _MAX_ERROR_LINES:
-        click.echo(f"... and {len(failed) - _MAX_ERROR_LINES} more" + (f" (all in {output})" if output else ""), err=True)
+        click.echo(
+            f"... and {len(failed) - _MAX_ERROR_LINES} more" + (f" (all in {output})" if output else ""), err=True
+        )
     if failed:
         if len(items) > 1:
             done = len(items) - len(failed)
-            click.echo(f"{len(failed)} of {len(items)} structures failed" +
-                       (f"; the results above are the other {done}" if done else ""), err=True)
+            click.echo(
+                f"{len(failed)} of {len(items)} structures failed"
+                + (f"; the results above are the other {done}" if done else ""),
+                err=True,
+            )
         click.get_current_context().exit(2)
 
 
@@ -278,8 +313,12 @@ def _one_structure(path):
 @click.option("--cell", is_flag=True, help="Also relax the cell (FrechetCellFilter; periodic systems).")
 @click.option("--steps", default=500, show_default=True, type=click.IntRange(min=0), help="Maximum optimizer steps.")
 @click.option("--optimizer", type=click.Choice(["fire", "bfgs"]), default="fire", show_default=True)
-@click.option("--output", default=None, type=click.Path(),
-              help="Trajectory file (.extxyz or .traj); default: STRUCTURE stem + _opt.extxyz.")
+@click.option(
+    "--output",
+    default=None,
+    type=click.Path(),
+    help="Trajectory file (.extxyz or .traj); default: STRUCTURE stem + _opt.extxyz.",
+)
 def optimize(structure, model_path, task, charge, spin, fmax, cell, steps, optimizer, output):
     """Relax the positions (and with --cell the cell) of STRUCTURE; writes the trajectory.
 
@@ -303,14 +342,17 @@ def optimize(structure, model_path, task, charge, spin, fmax, cell, steps, optim
         if step % 10 == 0:
             click.echo(f"step {step:5d}  E = {frame.info['energy']:.6f} eV  fmax = {frame.info['fmax']:.4f} eV/Å")
 
-    relaxed, trajectory, converged = relax(model, atoms, task_name=name, fmax=fmax, steps=steps, cell=cell,
-                                           optimizer=optimizer, callback=show)
+    relaxed, trajectory, converged = relax(
+        model, atoms, task_name=name, fmax=fmax, steps=steps, cell=cell, optimizer=optimizer, callback=show
+    )
     write(out, trajectory)
     first, last = trajectory[0].info, trajectory[-1].info
     status = "converged" if converged else f"NOT converged in {steps} steps"
-    click.echo(f"{status}: {len(trajectory) - 1} steps, E {first['energy']:.6f} -> {last['energy']:.6f} eV, "
-               f"fmax {first['fmax']:.4f} -> {last['fmax']:.4f} eV/Å"
-               + (f", volume {trajectory[0].get_volume():.3f} -> {relaxed.get_volume():.3f} Å³" if cell else ""))
+    click.echo(
+        f"{status}: {len(trajectory) - 1} steps, E {first['energy']:.6f} -> {last['energy']:.6f} eV, "
+        f"fmax {first['fmax']:.4f} -> {last['fmax']:.4f} eV/Å"
+        + (f", volume {trajectory[0].get_volume():.3f} -> {relaxed.get_volume():.3f} Å³" if cell else "")
+    )
     click.echo(f"wrote {out} ({len(trajectory)} frames)")
     if not converged:
         raise _Fail(f"not converged to fmax={fmax} in {steps} steps; raise --steps or check the structure")
@@ -328,14 +370,37 @@ def optimize(structure, model_path, task, charge, spin, fmax, cell, steps, optim
 @click.option("--timestep", default=1.0, show_default=True, help="Timestep (fs).")
 @click.option("--steps", default=1000, show_default=True, help="Number of MD steps.")
 @click.option("--interval", default=10, show_default=True, help="Write a frame and a log line every N steps.")
-@click.option("--engine", type=click.Choice(["auto", "jax-md", "ase"]), default="auto", show_default=True,
-              help="jax-md: whole chunks on the device under lax.scan (needs the md extra); ase: the ASE "
-                   "calculator; auto: jax-md when installed, else ase.")
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "jax-md", "ase"]),
+    default="auto",
+    show_default=True,
+    help="jax-md: whole chunks on the device under lax.scan (needs the md extra); ase: the ASE "
+    "calculator; auto: jax-md when installed, else ase.",
+)
 @click.option("--seed", default=0, show_default=True, help="Velocity seed.")
-@click.option("--output", default=None, type=click.Path(),
-              help="Trajectory (.extxyz or .traj); default: STRUCTURE stem + _md.extxyz (+ .log, .png).")
-def md(structure, model_path, task, charge, spin, ensemble, temperature, pressure, timestep, steps, interval,
-       engine, seed, output):
+@click.option(
+    "--output",
+    default=None,
+    type=click.Path(),
+    help="Trajectory (.extxyz or .traj); default: STRUCTURE stem + _md.extxyz (+ .log, .png).",
+)
+def md(
+    structure,
+    model_path,
+    task,
+    charge,
+    spin,
+    ensemble,
+    temperature,
+    pressure,
+    timestep,
+    steps,
+    interval,
+    engine,
+    seed,
+    output,
+):
     """Molecular dynamics of STRUCTURE; writes a trajectory, a log and a PNG plot of energy/temperature.
 
     Without STRUCTURE: a 32-atom fcc Cu crystal (for the built-in model).
@@ -372,9 +437,20 @@ def md(structure, model_path, task, charge, spin, ensemble, temperature, pressur
         bar.set_postfix(E=f"{row['etot']:.4f} eV", T=f"{row['temperature_K']:.0f} K")
 
     try:
-        result = run_md(model, atoms, task_name=name, ensemble=ensemble, temperature_K=temperature,
-                        timestep_fs=timestep, steps=steps, engine=engine, interval=interval,
-                        pressure_GPa=pressure, seed=seed, callback=progress)
+        result = run_md(
+            model,
+            atoms,
+            task_name=name,
+            ensemble=ensemble,
+            temperature_K=temperature,
+            timestep_fs=timestep,
+            steps=steps,
+            engine=engine,
+            interval=interval,
+            pressure_GPa=pressure,
+            seed=seed,
+            callback=progress,
+        )
     finally:
         bar.close()
     stem = pathlib.Path(output).with_suffix("") if output else pathlib.Path(f"{pathlib.Path(structure).stem}_md")
@@ -386,11 +462,16 @@ def md(structure, model_path, task, charge, spin, ensemble, temperature, pressur
     first, last = result.log[0], result.log[-1]
     drift = (last["etot"] - first["etot"]) / len(atoms)
     rate = result.steps_per_second
-    rate = (f"{rate:.3g} steps/s after compilation" if rate is not None
-            else f"rate: n/a (too few steps after compilation; {result.wall_time_s:.1f} s in all)")
-    click.echo(f"{steps} steps of {timestep} fs ({ensemble}, {engine}): {rate}; "
-               f"T {first['temperature_K']:.0f} -> {last['temperature_K']:.0f} K, "
-               f"E_tot change {drift * 1000:+.3f} meV/atom" + (" (conserved in nve only)" if ensemble != "nve" else ""))
+    rate = (
+        f"{rate:.3g} steps/s after compilation"
+        if rate is not None
+        else f"rate: n/a (too few steps after compilation; {result.wall_time_s:.1f} s in all)"
+    )
+    click.echo(
+        f"{steps} steps of {timestep} fs ({ensemble}, {engine}): {rate}; "
+        f"T {first['temperature_K']:.0f} -> {last['temperature_K']:.0f} K, "
+        f"E_tot change {drift * 1000:+.3f} meV/atom" + (" (conserved in nve only)" if ensemble != "nve" else "")
+    )
     click.echo(f"wrote {out} ({len(result.frames)} frames), {log_path}, {plot_path}")
 
 
@@ -457,7 +538,9 @@ def _write(output, rows, frames) -> str:
 @click.argument("checkpoint", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--verify/--no-verify", default=True, show_default=True, help="Re-check every leaf against the checkpoint.")
+@click.option(
+    "--verify/--no-verify", default=True, show_default=True, help="Re-check every leaf against the checkpoint."
+)
 def convert(checkpoint, out, dtype, verify):
     """Convert a fairchem CHECKPOINT (.pt) to a torch-free OUT (.eqx).
 
@@ -483,9 +566,11 @@ def convert(checkpoint, out, dtype, verify):
     _print_info(model)
     if verify:
         report = verify_weight_loading(model, load_pytorch_checkpoint(checkpoint))
-        click.echo(f"verification: {len(report.rows)} tensors compared exactly; unused keys: "
-                   f"{report.unused_keys or 'none'}; derived buffers skipped: {report.derived_keys} -> "
-                   f"{'OK' if report.ok else 'FAILED'}")
+        click.echo(
+            f"verification: {len(report.rows)} tensors compared exactly; unused keys: "
+            f"{report.unused_keys or 'none'}; derived buffers skipped: {report.derived_keys} -> "
+            f"{'OK' if report.ok else 'FAILED'}"
+        )
         if not report.ok:
             click.echo(str(report))
             raise _Fail("weight verification failed")
@@ -501,18 +586,29 @@ def _print_info(model):
 
     cfg = model.config
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model) if hasattr(x, "shape"))
-    expert = sum(int(np.prod(x.weights.shape)) for x in jax.tree.leaves(model.backbone.blocks, is_leaf=lambda v: isinstance(v, uma_eqx.MoLELinear)) if isinstance(x, uma_eqx.MoLELinear))
+    expert = sum(
+        int(np.prod(x.weights.shape))
+        for x in jax.tree.leaves(model.backbone.blocks, is_leaf=lambda v: isinstance(v, uma_eqx.MoLELinear))
+        if isinstance(x, uma_eqx.MoLELinear)
+    )
     active = total - expert + (expert // cfg.num_experts if cfg.num_experts else 0)
-    click.echo(f"model: lmax={cfg.lmax} mmax={cfg.mmax} layers={cfg.num_layers} channels={cfg.sphere_channels}/"
-               f"{cfg.hidden_channels}/{cfg.edge_channels} experts={cfg.num_experts} cutoff={cfg.cutoff} Å "
-               f"norm={cfg.norm_type} ff={cfg.ff_type} dtype={model.dtype}")
+    click.echo(
+        f"model: lmax={cfg.lmax} mmax={cfg.mmax} layers={cfg.num_layers} channels={cfg.sphere_channels}/"
+        f"{cfg.hidden_channels}/{cfg.edge_channels} experts={cfg.num_experts} cutoff={cfg.cutoff} Å "
+        f"norm={cfg.norm_type} ff={cfg.ff_type} dtype={model.dtype}"
+    )
     click.echo(f"tasks: {', '.join(cfg.task_names)}")
     from ase.data import chemical_symbols
 
-    elements = (" ".join(chemical_symbols[z] for z in cfg.elements) if cfg.elements is not None
-                else f"atomic numbers 1..{cfg.max_num_elements - 1} (the full element table)")
+    elements = (
+        " ".join(chemical_symbols[z] for z in cfg.elements)
+        if cfg.elements is not None
+        else f"atomic numbers 1..{cfg.max_num_elements - 1} (the full element table)"
+    )
     click.echo(f"elements: {elements}")
-    click.echo(f"parameters: {total:,} total, {active:,} active per structure" + (" (merged)" if model.is_merged else ""))
+    click.echo(
+        f"parameters: {total:,} total, {active:,} active per structure" + (" (merged)" if model.is_merged else "")
+    )
 
 
 @main.command()
@@ -534,8 +630,13 @@ def info(model_path):
 @_MODEL_OPTION
 @click.option("--atoms", "sizes", default="64,512", show_default=True, help="Comma-separated system sizes (fcc Cu).")
 @click.option("--repeats", default=3, show_default=True, help="Timed calls per size, after one warm-up call.")
-@click.option("--mode", type=click.Choice(["calculator", "raw"]), default="calculator", show_default=True,
-              help="calculator: ASE calls with rattled positions (graph building counts); raw: jitted function.")
+@click.option(
+    "--mode",
+    type=click.Choice(["calculator", "raw"]),
+    default="calculator",
+    show_default=True,
+    help="calculator: ASE calls with rattled positions (graph building counts); raw: jitted function.",
+)
 @click.option("--merged/--unmerged", default=True, show_default=True, help="Merge MoLE experts for the composition.")
 @_TASK_OPTION
 def bench(model_path, sizes, repeats, mode, merged, task):

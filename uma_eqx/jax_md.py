@@ -168,7 +168,10 @@ def energy_and_neighbor_fns(
     if merge and settings.merge_experts and model.backbone.router is not None:
         model = merge_experts_for(model, template)
     fns = NeighborListFns(
-        cutoff=cfg.cutoff, pbc=pbc, skin=skin, capacity_multiplier=capacity_multiplier,
+        cutoff=cfg.cutoff,
+        pbc=pbc,
+        skin=skin,
+        capacity_multiplier=capacity_multiplier,
         max_neighbors=cfg.max_neighbors,
     )
     default_box = jnp.asarray(box_from_atoms(atoms), model.dtype)
@@ -204,12 +207,14 @@ def energy_and_neighbor_fns(
             strain = (deform.T - eye)[None]
         energy = model(graph, strain=strain, settings=settings)[0]
         energy = eqx.error_if(
-            energy, over_cap,
+            energy,
+            over_cap,
             f"an atom has more than max_neighbors={cfg.max_neighbors} neighbours within the cutoff; "
             "fairchem then caps its neighbours, which the in-jit list does not do: use UMACalculator",
         )
         return eqx.error_if(
-            energy, neighbor.did_buffer_overflow,
+            energy,
+            neighbor.did_buffer_overflow,
             "neighbour buffer overflowed: reallocate with neighbor_fn.allocate (uma_eqx.jax_md.run does it)",
         )
 
@@ -335,9 +340,9 @@ def run(
             )
         if outs is not None:
             if observe_last:
-                outs = jax.tree.map(lambda x: x[length - 1], outs)
+                outs = jax.tree.map(lambda x, last=length - 1: x[last], outs)
             elif length < steps_per_chunk:
-                outs = jax.tree.map(lambda x: x[:length], outs)
+                outs = jax.tree.map(lambda x, n=length: x[:n], outs)
         state, neighbors, done = new_state, new_nbrs, done + length
         if observe is not None:
             observations.append(outs)

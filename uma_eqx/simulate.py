@@ -8,6 +8,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import ase
 import numpy as np
@@ -101,7 +102,7 @@ def run_md(
     if not np.all(np.isfinite(atoms.positions)):
         raise ValueError("the structure has NaN/inf positions")
     atoms = atoms.copy()
-    from ase.md.velocitydistribution import thermalize_momenta, Stationary
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
     thermalize_momenta(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
     Stationary(atoms)
@@ -179,8 +180,15 @@ def _run_ase(model, atoms, task_name, ensemble, temperature_K, timestep_fs, step
     elif ensemble == "nvt":
         dyn = NoseHooverChainNVT(atoms, dt, temperature_K, tdamp=THERMOSTAT_STEPS * dt, logfile=None)
     else:
-        dyn = IsotropicMTKNPT(atoms, dt, temperature_K, pressure_GPa * units.GPa,
-                              tdamp=THERMOSTAT_STEPS * dt, pdamp=BAROSTAT_STEPS * dt, logfile=None)
+        dyn = IsotropicMTKNPT(
+            atoms,
+            dt,
+            temperature_K,
+            pressure_GPa * units.GPa,
+            tdamp=THERMOSTAT_STEPS * dt,
+            pdamp=BAROSTAT_STEPS * dt,
+            logfile=None,
+        )
 
     def snapshot():
         record(dyn.nsteps, atoms.positions, atoms.get_momenta(), np.asarray(atoms.cell),
@@ -216,14 +224,20 @@ def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, s
     dt = timestep_fs * ujmd.FEMTOSECOND
     kT = temperature_K * ujmd.BOLTZMANN
     nbrs = neighbor_fn.allocate(R)
+    apply: Callable[..., Any]  # jax_md types apply_fn as Callable[[T], T]; it takes neighbor= (and box=) keywords
     if ensemble == "nve":
         init, apply = simulate.nve(energy_fn, shift_fn, dt)
     elif ensemble == "nvt":
         init, apply = simulate.nvt_nose_hoover(energy_fn, shift_fn, dt, kT, tau=THERMOSTAT_STEPS * dt)
     else:
         init, apply = simulate.npt_nose_hoover(
-            energy_fn, shift_fn, dt, pressure_GPa * units.GPa, kT,
-            barostat_kwargs={"tau": BAROSTAT_STEPS * dt}, thermostat_kwargs={"tau": THERMOSTAT_STEPS * dt},
+            energy_fn,
+            shift_fn,
+            dt,
+            pressure_GPa * units.GPa,
+            kT,
+            barostat_kwargs={"tau": BAROSTAT_STEPS * dt},
+            thermostat_kwargs={"tau": THERMOSTAT_STEPS * dt},
         )
     # Start from the ASE Maxwell-Boltzmann momenta (same seed semantics for both engines).
     momenta = jnp.asarray(atoms.get_momenta(), dtype)
@@ -234,11 +248,13 @@ def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, s
     box_fn = simulate.npt_box if npt else None
 
     def cartesian(s):
-        b = box_fn(s) if npt else box
-        return (s.position @ b.T if npt else s.position), b
+        if box_fn is None:
+            return s.position, box
+        b = box_fn(s)
+        return s.position @ b.T, b
 
     def observe(s, n):
-        epot = energy_fn(s.position, neighbor=n, **({"box": box_fn(s)} if npt else {}))
+        epot = energy_fn(s.position, neighbor=n, **({"box": box_fn(s)} if box_fn is not None else {}))
         return jnp.stack([epot, quantity.kinetic_energy(momentum=s.momentum, mass=s.mass)])
 
     def record_state(step, s, epot, ekin):
@@ -252,8 +268,18 @@ def _run_jax_md(model, atoms, task_name, ensemble, temperature_K, timestep_fs, s
         outs = np.asarray(outs)  # energies of the chunk's last step only (observe_last)
         record_state(done, s, outs[0], outs[1])
 
-    ujmd.run(lambda s, n: apply(s, neighbor=n), state, nbrs, neighbor_fn, steps, steps_per_chunk=interval,
-             observe=observe, observe_last=True, box_fn=box_fn, callback=on_chunk)
+    ujmd.run(
+        lambda s, n: apply(s, neighbor=n),
+        state,
+        nbrs,
+        neighbor_fn,
+        steps,
+        steps_per_chunk=interval,
+        observe=observe,
+        observe_last=True,
+        box_fn=box_fn,
+        callback=on_chunk,
+    )
     return record.result()
 
 
@@ -303,8 +329,11 @@ def relax(
 
     def record():
         frame = atoms.copy()
-        frame.info.update(step=int(opt.nsteps), energy=float(atoms.get_potential_energy()),
-                          fmax=float(np.linalg.norm(target.get_forces(), axis=1).max()))
+        frame.info.update(
+            step=int(opt.nsteps),
+            energy=float(atoms.get_potential_energy()),
+            fmax=float(np.linalg.norm(target.get_forces(), axis=1).max()),
+        )
         trajectory.append(frame)
         if callback is not None:
             callback(opt.nsteps, frame)

@@ -4,6 +4,7 @@ import dataclasses
 import os
 import typing
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,8 @@ from .._io import file_kind
 
 class _Stub:
     """Stand-in for an allowlisted class: records its pickled state, runs no code."""
+
+    _state: Any  # set by __setstate__
 
     def __setstate__(self, state):
         self.__dict__["_state"] = state
@@ -152,7 +155,9 @@ def load_pytorch_checkpoint(path: str | os.PathLike) -> FairchemCheckpoint:
         raise ImportError(
             "reading a PyTorch checkpoint needs torch: pip install 'uma_eqx[convert]' (torch==2.13.0)"
         ) from e
-    allow = [(cls, name) for name, cls in _ALLOWLIST_NAMES.items()]
+    allow: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (cls, name) for name, cls in _ALLOWLIST_NAMES.items()
+    ]
     allow += [(typing.Any, "typing.Any"), int, list, dict]
     import collections
 

@@ -46,16 +46,43 @@ _REQUIRED = {
 #: backbone kwargs that do not change the math of inference (graph-building switches, training
 #: regularisers inactive in eval, memory/speed options with identical results).
 _IGNORED = {
-    "model", "otf_graph", "use_pbc", "use_pbc_single", "regress_forces", "regress_stress",
-    "regress_hessian", "hessian_vmap", "activation_checkpointing", "use_cuda_graph_wigner",
-    "use_quaternion_wigner", "radius_pbc_version", "always_use_pbc", "edge_chunk_size",
-    "execution_mode", "num_sphere_samples", "moe_dropout", "composition_dropout", "moe_layer_type",
-    "direct_forces", "dataset_list", "dataset_mapping", "use_dataset_embedding", "layers_moe",
-    "charge_balanced_channels", "spin_balanced_channels",
+    "model",
+    "otf_graph",
+    "use_pbc",
+    "use_pbc_single",
+    "regress_forces",
+    "regress_stress",
+    "regress_hessian",
+    "hessian_vmap",
+    "activation_checkpointing",
+    "use_cuda_graph_wigner",
+    "use_quaternion_wigner",
+    "radius_pbc_version",
+    "always_use_pbc",
+    "edge_chunk_size",
+    "execution_mode",
+    "num_sphere_samples",
+    "moe_dropout",
+    "composition_dropout",
+    "moe_layer_type",
+    "direct_forces",
+    "dataset_list",
+    "dataset_mapping",
+    "use_dataset_embedding",
+    "layers_moe",
+    "charge_balanced_channels",
+    "spin_balanced_channels",
 }
 
-_TOP_LEVEL = {"_target_", "backbone", "heads", "pass_through_head_outputs", "otf_graph", "model_id",
-              "supports_single_atoms"}
+_TOP_LEVEL = {
+    "_target_",
+    "backbone",
+    "heads",
+    "pass_through_head_outputs",
+    "otf_graph",
+    "model_id",
+    "supports_single_atoms",
+}
 
 _ENERGY_HEADS = {"MLP_EFS_Head": "mlp_energy", "MLP_Energy_Head": "mlp_energy", "Linear_Energy_Head": "linear_energy"}
 _WRAPPERS = {"DatasetSpecificMoEWrapper", "DatasetSpecificSingleHeadWrapper"}
@@ -85,8 +112,13 @@ def _mapping(names, mapping, what) -> dict[str, str]:
 def _parse_heads(heads: dict) -> dict:
     if not isinstance(heads, dict) or not heads:
         raise ValueError(f"model_config.heads must be a non-empty dict, got {heads!r}")
-    out = {"energy_head_name": None, "force_head_name": None, "head_type": None, "head_mapping": None,
-           "head_wrapped": False}
+    out = {
+        "energy_head_name": None,
+        "force_head_name": None,
+        "head_type": None,
+        "head_mapping": None,
+        "head_wrapped": False,
+    }
     for name, spec in heads.items():
         spec = dict(spec)
         module = _short(spec.pop("module", ""))
@@ -140,7 +172,9 @@ def parse_tasks(tasks_config: list[dict]) -> dict[str, dict]:
     for task in tasks_config:
         prop = task.get("property")
         if prop not in ("energy", "forces", "stress"):
-            raise ValueError(f"task {task.get('name')!r} has property {prop!r}: only energy/forces/stress are supported")
+            raise ValueError(
+                f"task {task.get('name')!r} has property {prop!r}: only energy/forces/stress are supported"
+            )
         norm = task.get("normalizer") or {}
         mean, rmsd = float(norm.get("mean", 0.0)), float(norm.get("rmsd", 1.0))
         for ds in task.get("datasets", []):

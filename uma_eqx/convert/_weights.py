@@ -55,21 +55,29 @@ def derived_buffer_keys(config: UMAConfig) -> tuple[str, ...]:
 def _radial(path: str, prefix: str, num_linears: int) -> list[KeyEntry]:
     out = []
     for i in range(num_linears):
-        out += [KeyEntry(f"{path}.linears[{i}].weight", (f"{prefix}.net.{3 * i}.weight",)),
-                KeyEntry(f"{path}.linears[{i}].bias", (f"{prefix}.net.{3 * i}.bias",))]
+        out += [
+            KeyEntry(f"{path}.linears[{i}].weight", (f"{prefix}.net.{3 * i}.weight",)),
+            KeyEntry(f"{path}.linears[{i}].bias", (f"{prefix}.net.{3 * i}.bias",)),
+        ]
         if i < num_linears - 1:
-            out += [KeyEntry(f"{path}.norms[{i}].weight", (f"{prefix}.net.{3 * i + 1}.weight",)),
-                    KeyEntry(f"{path}.norms[{i}].bias", (f"{prefix}.net.{3 * i + 1}.bias",))]
+            out += [
+                KeyEntry(f"{path}.norms[{i}].weight", (f"{prefix}.net.{3 * i + 1}.weight",)),
+                KeyEntry(f"{path}.norms[{i}].bias", (f"{prefix}.net.{3 * i + 1}.bias",)),
+            ]
     return out
 
 
 def _norm(config: UMAConfig, path: str, prefix: str) -> list[KeyEntry]:
     if config.norm_type == "layer_norm_sh":
-        return [KeyEntry(f"{path}.norm_l0_weight", (f"{prefix}.norm_l0.weight",)),
-                KeyEntry(f"{path}.norm_l0_bias", (f"{prefix}.norm_l0.bias",)),
-                KeyEntry(f"{path}.affine_weight", (f"{prefix}.affine_weight",))]
-    return [KeyEntry(f"{path}.affine_weight", (f"{prefix}.affine_weight",)),
-            KeyEntry(f"{path}.affine_bias", (f"{prefix}.affine_bias",))]
+        return [
+            KeyEntry(f"{path}.norm_l0_weight", (f"{prefix}.norm_l0.weight",)),
+            KeyEntry(f"{path}.norm_l0_bias", (f"{prefix}.norm_l0.bias",)),
+            KeyEntry(f"{path}.affine_weight", (f"{prefix}.affine_weight",)),
+        ]
+    return [
+        KeyEntry(f"{path}.affine_weight", (f"{prefix}.affine_weight",)),
+        KeyEntry(f"{path}.affine_bias", (f"{prefix}.affine_bias",)),
+    ]
 
 
 def _charge_spin(config: UMAConfig, path: str, prefix: str) -> list[KeyEntry]:
@@ -79,8 +87,10 @@ def _charge_spin(config: UMAConfig, path: str, prefix: str) -> list[KeyEntry]:
         case "pos_emb":
             return [KeyEntry(f"{path}.W", (f"{prefix}.W",))]
         case "lin_emb":
-            return [KeyEntry(f"{path}.linear.weight", (f"{prefix}.lin_emb.weight",)),
-                    KeyEntry(f"{path}.linear.bias", (f"{prefix}.lin_emb.bias",))]
+            return [
+                KeyEntry(f"{path}.linear.weight", (f"{prefix}.lin_emb.weight",)),
+                KeyEntry(f"{path}.linear.bias", (f"{prefix}.lin_emb.bias",)),
+            ]
     raise ValueError(f"unknown chg_spin_emb_type {config.chg_spin_emb_type!r}")
 
 
@@ -102,8 +112,10 @@ def key_table(config: UMAConfig, heads: dict) -> list[KeyEntry]:
         t.append(KeyEntry("backbone.dataset_embedding.weight", keys, lambda xs: np.concatenate(xs, axis=0)))
     if config.num_experts > 0:
         for i, j in enumerate((0, 2, 4)):
-            t += [KeyEntry(f"backbone.router.routing_mlp[{i}].weight", (f"backbone.routing_mlp.{j}.weight",)),
-                  KeyEntry(f"backbone.router.routing_mlp[{i}].bias", (f"backbone.routing_mlp.{j}.bias",))]
+            t += [
+                KeyEntry(f"backbone.router.routing_mlp[{i}].weight", (f"backbone.routing_mlp.{j}.weight",)),
+                KeyEntry(f"backbone.router.routing_mlp[{i}].bias", (f"backbone.routing_mlp.{j}.bias",)),
+            ]
         if config.use_composition_embedding:
             t.append(KeyEntry("backbone.router.composition_embedding", ("backbone.composition_embedding.weight",)))
     moe = set(config.moe_layers)
@@ -113,32 +125,47 @@ def key_table(config: UMAConfig, heads: dict) -> list[KeyEntry]:
         t += _norm(config, f"{p}.norm_1", f"{k}.norm_1") + _norm(config, f"{p}.norm_2", f"{k}.norm_2")
         for conv in ("so2_conv_1", "so2_conv_2"):
             cp, ck = f"{p}.edge_wise.{conv}", f"{k}.edge_wise.{conv}"
-            t += [KeyEntry(f"{cp}.fc_m0.{w}", (f"{ck}.fc_m0.{w}",)), KeyEntry(f"{cp}.fc_m0.bias", (f"{ck}.fc_m0.bias",))]
+            t += [
+                KeyEntry(f"{cp}.fc_m0.{w}", (f"{ck}.fc_m0.{w}",)),
+                KeyEntry(f"{cp}.fc_m0.bias", (f"{ck}.fc_m0.bias",)),
+            ]
             t += [KeyEntry(f"{cp}.fc_m[{m}].{w}", (f"{ck}.so2_m_conv.{m}.fc.{w}",)) for m in range(config.mmax)]
             if conv == "so2_conv_1":
                 t += _radial(f"{cp}.rad", f"{ck}.rad_func", 3)
         ap, ak = f"{p}.atom_wise", f"{k}.atom_wise"
         if config.ff_type == "spectral":
-            t += [KeyEntry(f"{ap}.scalar_mlp.weight", (f"{ak}.scalar_mlp.0.weight",)),
-                  KeyEntry(f"{ap}.scalar_mlp.bias", (f"{ak}.scalar_mlp.0.bias",))]
+            t += [
+                KeyEntry(f"{ap}.scalar_mlp.weight", (f"{ak}.scalar_mlp.0.weight",)),
+                KeyEntry(f"{ap}.scalar_mlp.bias", (f"{ak}.scalar_mlp.0.bias",)),
+            ]
             for lin in ("so3_linear_1", "so3_linear_2"):
-                t += [KeyEntry(f"{ap}.{lin}.weight", (f"{ak}.{lin}.weight",)),
-                      KeyEntry(f"{ap}.{lin}.bias", (f"{ak}.{lin}.bias",))]
+                t += [
+                    KeyEntry(f"{ap}.{lin}.weight", (f"{ak}.{lin}.weight",)),
+                    KeyEntry(f"{ap}.{lin}.bias", (f"{ak}.{lin}.bias",)),
+                ]
         else:
-            t += [KeyEntry(f"{ap}.grid_mlp[{n}].weight", (f"{ak}.grid_mlp.{j}.weight",)) for n, j in enumerate((0, 2, 4))]
+            t += [
+                KeyEntry(f"{ap}.grid_mlp[{n}].weight", (f"{ak}.grid_mlp.{j}.weight",)) for n, j in enumerate((0, 2, 4))
+            ]
     hk = f"output_heads.{heads['energy_head_name']}" + (".head" if heads["head_wrapped"] else "")
     hw = "weights" if config.head_dataset_experts is not None else "weight"
     if config.head_type == "mlp_energy":
         for n, j in enumerate((0, 2, 4)):
-            t += [KeyEntry(f"energy_head.layers[{n}].{hw}", (f"{hk}.energy_block.{j}.{hw}",)),
-                  KeyEntry(f"energy_head.layers[{n}].bias", (f"{hk}.energy_block.{j}.bias",))]
+            t += [
+                KeyEntry(f"energy_head.layers[{n}].{hw}", (f"{hk}.energy_block.{j}.{hw}",)),
+                KeyEntry(f"energy_head.layers[{n}].bias", (f"{hk}.energy_block.{j}.bias",)),
+            ]
     else:
-        t += [KeyEntry(f"energy_head.layer.{hw}", (f"{hk}.energy_block.{hw}",)),
-              KeyEntry("energy_head.layer.bias", (f"{hk}.energy_block.bias",))]
+        t += [
+            KeyEntry(f"energy_head.layer.{hw}", (f"{hk}.energy_block.{hw}",)),
+            KeyEntry("energy_head.layer.bias", (f"{hk}.energy_block.bias",)),
+        ]
     if config.direct_forces:
         fk = f"output_heads.{heads['force_head_name']}"
-        t += [KeyEntry("force_head.linear.weight", (f"{fk}.linear.weight",)),
-              KeyEntry("force_head.linear.bias", (f"{fk}.linear.bias",))]
+        t += [
+            KeyEntry("force_head.linear.weight", (f"{fk}.linear.weight",)),
+            KeyEntry("force_head.linear.bias", (f"{fk}.linear.bias",)),
+        ]
     return t
 
 
@@ -187,7 +214,9 @@ def convert_pytorch_state_dict(
     skeleton = eqx.filter_eval_shape(UMA, config, dtype, key=jax.random.key(0))
     ref_dtype = jnp.float64 if _x64_enabled() else jnp.float32
     skeleton = eqx.tree_at(
-        lambda m: m.references, skeleton, eqx.filter_eval_shape(EnergyReferences, len(config.datasets), config.max_num_elements, ref_dtype)
+        lambda m: m.references,
+        skeleton,
+        eqx.filter_eval_shape(EnergyReferences, len(config.datasets), config.max_num_elements, ref_dtype),
     )
     table = key_table(config, heads)
     used: set[str] = set()
@@ -260,8 +289,14 @@ def verify_weight_loading(model: UMA, checkpoint: "FairchemCheckpoint | str | os
         err = float(np.max(np.abs(leaf - ref))) if leaf.size else 0.0
         if leaf.shape != ref.shape:
             err = float("inf")
-        rows.append((",".join(entry.keys) if len(entry.keys) < 3 else f"{entry.keys[0]} (+{len(entry.keys) - 1})",
-                     entry.path, tuple(leaf.shape), err))
+        rows.append(
+            (
+                ",".join(entry.keys) if len(entry.keys) < 3 else f"{entry.keys[0]} (+{len(entry.keys) - 1})",
+                entry.path,
+                tuple(leaf.shape),
+                err,
+            )
+        )
         used.update(entry.keys)
     derived = [k for k in derived_buffer_keys(config) if k in sd]
     unused = sorted(set(sd) - used - set(derived))

@@ -7,7 +7,6 @@ from jaxtyping import Bool, Float, Int
 
 from .._constants import MAX_NEIGHBORS, MAX_NEIGHBORS_TOLERANCE
 
-
 #: vesin keeps pairs with `d < cutoff` (strict); fairchem keeps `d² <= cutoff²`. We ask
 #: vesin for a slightly larger sphere and apply fairchem's inclusive test ourselves.
 _VESIN_CUTOFF_SLACK = 1e-6
@@ -78,14 +77,10 @@ def radius_graph(
 
     # vesin ignores `box` along non-periodic axes (checked for all-False and mixed pbc).
     box = cell if pbc.any() else np.eye(3)
-    calculator = vesin.NeighborList(
-        cutoff=float(cutoff) * (1.0 + _VESIN_CUTOFF_SLACK), full_list=True
-    )
+    calculator = vesin.NeighborList(cutoff=float(cutoff) * (1.0 + _VESIN_CUTOFF_SLACK), full_list=True)
     # vesin convention: vector = points[j] - points[i] + S @ box, i.e. i is fairchem's
     # target and j its source.
-    target, source, shifts = calculator.compute(
-        points=positions, box=box, periodic=pbc, quantities="ijS"
-    )
+    target, source, shifts = calculator.compute(points=positions, box=box, periodic=pbc, quantities="ijS")
     target = target.astype(np.int64)
     source = source.astype(np.int64)
     shifts = shifts.astype(np.int64)
@@ -94,9 +89,7 @@ def radius_graph(
     vectors = positions[source] - positions[target] + shifts @ cell
     dist_sq = np.einsum("ed,ed->e", vectors, vectors)
     keep = (dist_sq <= float(cutoff) ** 2) & (dist_sq != 0.0)
-    target, source, shifts, dist_sq = (
-        target[keep], source[keep], shifts[keep], dist_sq[keep]
-    )
+    target, source, shifts, dist_sq = (target[keep], source[keep], shifts[keep], dist_sq[keep])
 
     if max_neighbors is not None:
         keep = _max_neighbors_mask(target, dist_sq, num_atoms, max_neighbors)
@@ -108,11 +101,11 @@ def radius_graph(
 
 
 def _max_neighbors_mask(
-    target: Int[np.ndarray, "edges"],
-    dist_sq: Float[np.ndarray, "edges"],
+    target: Int[np.ndarray, " edges"],
+    dist_sq: Float[np.ndarray, " edges"],
     num_atoms: int,
     max_neighbors: int,
-) -> Bool[np.ndarray, "edges"]:
+) -> Bool[np.ndarray, " edges"]:
     """fairchem's `get_max_neighbors_mask(enforce_max_strictly=False)`, one system."""
     counts = np.bincount(target, minlength=num_atoms)
     if counts.size == 0 or counts.max() <= max_neighbors:
@@ -123,9 +116,7 @@ def _max_neighbors_mask(
     starts = np.cumsum(counts) - counts
     crowded = counts > max_neighbors
     threshold = np.full(num_atoms, np.inf)
-    threshold[crowded] = (
-        dist_sq[order][starts[crowded] + max_neighbors] + MAX_NEIGHBORS_TOLERANCE
-    )
+    threshold[crowded] = dist_sq[order][starts[crowded] + max_neighbors] + MAX_NEIGHBORS_TOLERANCE
     return dist_sq <= threshold[target]
 
 
@@ -137,27 +128,18 @@ def _check_inputs(
     max_neighbors: int | None,
 ) -> None:
     if positions.ndim != 2 or positions.shape[1] != 3:
-        raise ValueError(
-            f"`positions` must have shape (atoms, 3), got {positions.shape}."
-        )
+        raise ValueError(f"`positions` must have shape (atoms, 3), got {positions.shape}.")
     if cell.shape != (3, 3):
         raise ValueError(f"`cell` must have shape (3, 3), got {cell.shape}.")
     if not np.all(np.isfinite(positions)):
         bad = np.argwhere(~np.isfinite(positions))[0]
-        raise ValueError(
-            f"`positions` must be finite, got {positions[bad[0]]} for atom {bad[0]}."
-        )
+        raise ValueError(f"`positions` must be finite, got {positions[bad[0]]} for atom {bad[0]}.")
     if not (np.isfinite(cutoff) and cutoff > 0):
         raise ValueError(f"`cutoff` must be a positive finite number, got {cutoff}.")
     if max_neighbors is not None and (
-        isinstance(max_neighbors, bool)
-        or not isinstance(max_neighbors, (int, np.integer))
-        or max_neighbors < 1
+        isinstance(max_neighbors, bool) or not isinstance(max_neighbors, (int, np.integer)) or max_neighbors < 1
     ):
-        raise ValueError(
-            f"`max_neighbors` must be a positive int, got {max_neighbors!r}; pass None "
-            "for no cap."
-        )
+        raise ValueError(f"`max_neighbors` must be a positive int, got {max_neighbors!r}; pass None for no cap.")
     if pbc.any():
         if not np.all(np.isfinite(cell)):
             raise ValueError(f"`cell` must be finite, got {cell.tolist()}.")

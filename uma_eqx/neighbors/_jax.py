@@ -115,7 +115,6 @@ class NeighborListFns:
         """`cutoff + skin`, the candidate radius in Å."""
         return self.cutoff + self.skin
 
-
     def _needed_range(self, cell: Float[Array, "3 3"]) -> Int[Array, "3"]:
         widths = _perpendicular_widths(cell)
         needed = jnp.ceil(self.radius / widths).astype(jnp.int32)
@@ -266,14 +265,20 @@ class NeighborListFns:
         `did_buffer_overflow` is sticky.
         """
         cell = neighbors.reference_cell if cell is None else cell
-        moved = jnp.max(jnp.linalg.norm(self.unwrap(positions, neighbors, cell) - neighbors.reference_positions, axis=-1))
+        moved = jnp.max(
+            jnp.linalg.norm(self.unwrap(positions, neighbors, cell) - neighbors.reference_positions, axis=-1)
+        )
         shifts = jnp.asarray(_image_shifts(neighbors.image_range), positions.dtype)  # |S| bound, both modes
         strained = jnp.max(jnp.linalg.norm(shifts @ (cell - neighbors.reference_cell), axis=-1))
         stale = 2.0 * moved + strained > self.skin
         return jax.lax.cond(
             stale,
             lambda: self._build(
-                positions, cell, neighbors.capacity, neighbors.image_range, neighbors.minimum_image,
+                positions,
+                cell,
+                neighbors.capacity,
+                neighbors.image_range,
+                neighbors.minimum_image,
                 neighbors.did_buffer_overflow,
             ),
             lambda: neighbors,
@@ -342,7 +347,5 @@ def _image_shifts(image_range: tuple[int, int, int]) -> Float[np.ndarray, "image
 def _perpendicular_widths(cell: Float[Array, "3 3"]) -> Float[Array, "3"]:
     """Width of the cell along each lattice direction: `V / |a_b x a_c|`."""
     volume = jnp.abs(jnp.linalg.det(cell))
-    cross = jnp.stack(
-        [jnp.cross(cell[1], cell[2]), jnp.cross(cell[2], cell[0]), jnp.cross(cell[0], cell[1])]
-    )
+    cross = jnp.stack([jnp.cross(cell[1], cell[2]), jnp.cross(cell[2], cell[0]), jnp.cross(cell[0], cell[1])])
     return volume / jnp.maximum(jnp.linalg.norm(cross, axis=-1), jnp.finfo(cell.dtype).tiny)

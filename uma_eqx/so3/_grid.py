@@ -23,8 +23,10 @@ from ._wigner import _sh_coefficients
 def _quadrature_weights(b: int) -> np.ndarray:
     k = np.arange(b)
     j = np.arange(2 * b)[:, None]
-    w = (2.0 / b) * np.sin(math.pi * (2.0 * j[:, 0] + 1.0) / (4.0 * b)) * np.sum(
-        (1.0 / (2 * k + 1)) * np.sin((2 * j + 1) * (2 * k + 1) * math.pi / (4.0 * b)), axis=1
+    w = (
+        (2.0 / b)
+        * np.sin(math.pi * (2.0 * j[:, 0] + 1.0) / (4.0 * b))
+        * np.sum((1.0 / (2 * k + 1)) * np.sin((2 * j + 1) * (2 * k + 1) * math.pi / (4.0 * b)), axis=1)
     )
     return w / (2.0 * (2 * b) ** 2)
 

@@ -97,9 +97,7 @@ def quaternion_to_matrix(q: Float[Array, "4"]) -> Float[Array, "3 3"]:
     )
 
 
-def edge_rotation_matrix(
-    edge_vec: Float[Array, "3"], roll: Float[Array, ""] | float = 0.0
-) -> Float[Array, "3 3"]:
+def edge_rotation_matrix(edge_vec: Float[Array, "3"], roll: Float[Array, ""] | float = 0.0) -> Float[Array, "3 3"]:
     """Rotation `R` with `R @ edge_vec / |edge_vec| = +y`, followed by a roll about +y.
 
     Port of the edge frame fairchem builds from `quaternion_utils.quaternion_edge_to_y_stable`
@@ -121,7 +119,7 @@ def edge_rotation_matrix(
     roll = jnp.asarray(roll, r_edge.dtype)  # cos/sin in the edge's precision, not the angle's
     c, s = jnp.cos(roll), jnp.sin(roll)
     one, zero = jnp.ones_like(c), jnp.zeros_like(c)
-    r_roll = jnp.stack(
-        [jnp.stack([c, zero, s]), jnp.stack([zero, one, zero]), jnp.stack([-s, zero, c])]
-    ).astype(r_edge.dtype)
+    r_roll = jnp.stack([jnp.stack([c, zero, s]), jnp.stack([zero, one, zero]), jnp.stack([-s, zero, c])]).astype(
+        r_edge.dtype
+    )
     return r_roll @ r_edge

@@ -16,7 +16,6 @@ e3nn's `(x, y, z) -> (X, Y, Z) = (z, x, y)` relabelling.
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -73,7 +72,9 @@ def _sh_coefficients(l: int) -> tuple[np.ndarray, np.ndarray]:
             angle = (m - p) * math.pi / 2
             w = math.cos(angle) if m_signed >= 0 else math.sin(angle)
             if abs(w) > 1e-12:
-                trig = _poly_add(trig, _poly_mul(_poly_pow(X, p), _poly_pow(Y, m - p)), float(math.comb(m, p) * round(w)))
+                trig = _poly_add(
+                    trig, _poly_mul(_poly_pow(X, p), _poly_pow(Y, m - p)), float(math.comb(m, p) * round(w))
+                )
         scale = norm * (math.sqrt(2.0) if m > 0 else 1.0)
         rows.append({e: scale * c for e, c in _poly_mul(pi_lm, trig).items()})
     exps = sorted({e for row in rows for e in row})

@@ -92,7 +92,12 @@ def read_dataset(paths: "str | os.PathLike | Sequence[str | os.PathLike]", task:
                     stress = voigt_6_to_full_3x3_stress(stress)
                 if stress.shape != (3, 3):
                     raise ValueError(f"{src}: stress has shape {stress.shape}, expected (6,) or (3, 3)")
-            for name, value in (("energy", energy), ("forces", forces), ("stress", stress), ("positions", atoms.positions)):
+            for name, value in (
+                ("energy", energy),
+                ("forces", forces),
+                ("stress", stress),
+                ("positions", atoms.positions),
+            ):
                 if value is not None and not np.all(np.isfinite(value)):
                     raise ValueError(f"{src}: non-finite {name} (NaN or inf); fix or drop this record")
             name = atoms.info.get("task", task)
@@ -136,8 +141,13 @@ def count_edges(records: Sequence[Record], config: UMAConfig) -> None:
     for r in records:
         if getattr(r, "num_edges", None) is None:
             a = r.atoms
-            edge_index, _ = radius_graph(np.asarray(a.positions, np.float64), np.asarray(a.cell.complete(), np.float64),
-                                         np.asarray(a.pbc, bool), float(config.cutoff), config.max_neighbors)
+            edge_index, _ = radius_graph(
+                np.asarray(a.positions, np.float64),
+                np.asarray(a.cell.complete(), np.float64),
+                np.asarray(a.pbc, bool),
+                float(config.cutoff),
+                config.max_neighbors,
+            )
             r.num_edges = int(edge_index.shape[1])
 
 
@@ -179,7 +189,9 @@ def make_batch(records: Sequence[Record], config: UMAConfig, padding: PaddingSpe
     return Batch(graph, energy, forces, stress, has_f, has_s)
 
 
-def pack_batches(records: Sequence[Record], padding: PaddingSpec, rng: np.random.Generator | None) -> list[list[Record]]:
+def pack_batches(
+    records: Sequence[Record], padding: PaddingSpec, rng: np.random.Generator | None
+) -> list[list[Record]]:
     """Split one epoch (shuffled when `rng` is given) into batches that fit `padding`.
 
     Records are added in order until the next one would exceed the atom, edge or system

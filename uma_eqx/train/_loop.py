@@ -118,7 +118,8 @@ def trainable_filter(model: UMA, freeze: str):
         case "embeddings":
             return eqx.tree_at(
                 lambda m: (m.backbone.sphere_embedding, m.backbone.source_embedding, m.backbone.target_embedding),
-                spec, (False, False, False),
+                spec,
+                (False, False, False),
             )
         case "all_but_experts":
             from ..nn import MoLELinear
@@ -126,7 +127,8 @@ def trainable_filter(model: UMA, freeze: str):
             is_mole = lambda x: isinstance(x, MoLELinear)  # noqa: E731
             experts = jax.tree.map(
                 lambda x: jax.tree.map(eqx.is_inexact_array, x) if is_mole(x) else jax.tree.map(lambda _: False, x),
-                model.backbone.blocks, is_leaf=is_mole,
+                model.backbone.blocks,
+                is_leaf=is_mole,
             )
             return eqx.tree_at(lambda m: m.backbone.blocks, none(spec), experts)
         case other:
@@ -147,18 +149,30 @@ def fit_element_references(model: UMA, records, task: str) -> UMA:
     refs = np.array(model.references.element_references)
     refs[d] = 0.0
     refs[d, used] = coef
-    return eqx.tree_at(lambda m: m.references.element_references, model, jnp.asarray(refs, model.references.element_references.dtype))
+    return eqx.tree_at(
+        lambda m: m.references.element_references, model, jnp.asarray(refs, model.references.element_references.dtype)
+    )
 
 
 def _to_device(batch: Batch) -> dict:
-    return {"graph": batch.graph, "energy": jnp.asarray(batch.energy), "forces": jnp.asarray(batch.forces),
-            "stress": jnp.asarray(batch.stress), "has_forces": jnp.asarray(batch.has_forces),
-            "has_stress": jnp.asarray(batch.has_stress)}
+    return {
+        "graph": batch.graph,
+        "energy": jnp.asarray(batch.energy),
+        "forces": jnp.asarray(batch.forces),
+        "stress": jnp.asarray(batch.stress),
+        "has_forces": jnp.asarray(batch.has_forces),
+        "has_stress": jnp.asarray(batch.has_stress),
+    }
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, max(total_steps - 1, 1)),
-                                                  max(total_steps, 2), cfg.learning_rate * 0.02)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        cfg.learning_rate,
+        min(cfg.warmup_steps, max(total_steps - 1, 1)),
+        max(total_steps, 2),
+        cfg.learning_rate * 0.02,
+    )
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
@@ -272,14 +286,20 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after_epochs: int | None =
         t0, losses = time.time(), []
         for chunk in pack_batches(train_set, padding, rng):
             batch = _to_device(make_batch(chunk, model.config, padding, dtype))
-            params, opt_state, ema, loss, _ = _train_step(static, params, opt_state, ema, batch, optimizer, weights,
-                                                          cfg.ema_decay)
+            params, opt_state, ema, loss, _ = _train_step(
+                static, params, opt_state, ema, batch, optimizer, weights, cfg.ema_decay
+            )
             losses.append(float(loss))
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4g}", epoch=epoch + 1)
         current = eqx.combine(ema if cfg.ema_decay > 0 else params, static)
-        row = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)), "epoch_seconds": time.time() - t0}
+        row = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": float(np.mean(losses)),
+            "epoch_seconds": time.time() - t0,
+        }
         if valid_set and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             row.update({f"val_{k}": v for k, v in evaluate(current, valid_set, padding, dtype, cfg.batch_size).items()})
         history.append(row)
@@ -311,7 +331,10 @@ def _write_metrics(out: pathlib.Path, history: list[dict]) -> None:
     ax[0].semilogy(ep, [r["train_loss"] for r in history], label="train loss")
     ax[0].set_xlabel("epoch")
     ax[0].legend()
-    for key, label in (("val_energy_mae_meV_per_atom", "E MAE (meV/atom)"), ("val_forces_mae_meV_per_A", "F MAE (meV/Å)")):
+    for key, label in (
+        ("val_energy_mae_meV_per_atom", "E MAE (meV/atom)"),
+        ("val_forces_mae_meV_per_A", "F MAE (meV/Å)"),
+    ):
         pts = [(r["epoch"], r[key]) for r in history if key in r]
         if pts:
             ax[1].semilogy(*zip(*pts), marker="o", label=label)

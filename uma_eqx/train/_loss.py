@@ -43,8 +43,10 @@ def predictions_and_errors(model: UMA, batch: dict) -> dict[str, Float[Array, ""
 def loss_fn(model: UMA, batch: dict, weights: LossWeights) -> tuple[Float[Array, ""], dict]:
     """Weighted sum of MSEs of energy per atom (eV/atom), forces (eV/Å) and stress (eV/Å³)."""
     errs = predictions_and_errors(model, batch)
-    loss = weights.energy * errs["energy_mse"] + weights.forces * errs["forces_mse"] + weights.stress * errs["stress_mse"]
-    loss = eqx.error_if(loss, ~jnp.isfinite(loss), "training loss is not finite (NaN/inf): check labels and learning rate")
+    loss = (
+        weights.energy * errs["energy_mse"] + weights.forces * errs["forces_mse"] + weights.stress * errs["stress_mse"]
+    )
+    loss = eqx.error_if(
+        loss, ~jnp.isfinite(loss), "training loss is not finite (NaN/inf): check labels and learning rate"
+    )
     return loss, errs
-
-
