@@ -86,29 +86,6 @@ def test_residual_budget_does_not_change_results():
     _assert_same(_efs(model, graph, settings=recompute_all), keep_all)
 
 
-def test_rotation_pair_equals_plain_rotate():
-    kx, km, kt = jax.random.split(jax.random.key(2), 3)
-    matrix = jax.random.normal(km, (5, 4, 3), jnp.float64)
-    x = jax.random.normal(kx, (5, 3, 2), jnp.float64)
-    rotation = uma_eqx.so3.Rotation.of(matrix)
-    np.testing.assert_allclose(rotation(x), uma_eqx.so3.rotate(matrix, x), rtol=TOL, atol=TOL)
-    # derivatives in both arguments, forward and reverse mode
-    cot = jax.random.normal(kt, (5, 4, 2), jnp.float64)
-
-    def paired(m, x):
-        return jnp.sum(uma_eqx.so3.Rotation.of(m)(x) * cot)
-
-    def plain(m, x):
-        return jnp.sum(uma_eqx.so3.rotate(m, x) * cot)
-
-    for a, b in zip(jax.grad(paired, (0, 1))(matrix, x), jax.grad(plain, (0, 1))(matrix, x)):
-        np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL)
-    tangents = (jnp.ones_like(matrix), jnp.ones_like(x))
-    np.testing.assert_allclose(
-        jax.jvp(paired, (matrix, x), tangents)[1], jax.jvp(plain, (matrix, x), tangents)[1], rtol=TOL, atol=TOL
-    )
-
-
 def test_settings_are_validated():
     for bad in ({"edge_chunk_size": 0}, {"residual_budget_bytes": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):

@@ -504,7 +504,9 @@ def _fairchem_graph(structures, tasks, max_neighbors=300, double=True):
 
 def _compare_with_fairchem(structures, tasks, max_neighbors=300, double=True):
     batch, reference = _fairchem_graph(structures, tasks, max_neighbors, double)
-    graph = _graph(structures, task_name=tasks, max_neighbors=max_neighbors)
+    # fairchem's edge semantics, also for atoms closer than our `min_distance` (it drops
+    # zero-length edges; `from_atoms` refuses such structures by default)
+    graph = _graph(structures, task_name=tasks, max_neighbors=max_neighbors, min_distance=None)
 
     ours, our_order = _edge_keys(*_real_edges(graph))
     theirs, their_order = _edge_keys(reference["edge_index"], reference["cell_offsets"])

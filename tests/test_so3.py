@@ -312,8 +312,9 @@ def test_s2_grid_round_trip(lmax):
 
 
 def test_rotate_value_and_derivatives_match_plain_einsum():
-    # `so3.rotate` swaps in a transposed copy for the backward pass; the oracle is the plain
-    # einsum and its autodiff: value, VJP, JVP and a second derivative (as `jax.hessian` takes).
+    # `so3.Rotation` swaps in a transposed copy for the backward pass; the oracle is the plain
+    # product `so3.rotate` and its autodiff: value, VJP, JVP and a second derivative (as
+    # `jax.hessian` takes).
     k1, k2, k3, k4 = jax.random.split(jax.random.key(3), 4)
     m = jax.random.normal(k1, (7, 5, 4), jnp.float64)
     x = jax.random.normal(k2, (7, 4, 3), jnp.float64)
@@ -321,10 +322,12 @@ def test_rotate_value_and_derivatives_match_plain_einsum():
     t = jax.random.normal(k4, (7, 4, 3), jnp.float64)
 
     def plain(m, x):
-        return jnp.einsum("erk,ekc->erc", m, x)
+        return so3.rotate(m, x)
 
     def fast(m, x):
-        return so3.rotate(m, jnp.swapaxes(m, 1, 2), x)
+        return so3.Rotation.of(m)(x)
+
+    np.testing.assert_array_equal(plain(m, x), jnp.einsum("erk,ekc->erc", m, x))
 
     np.testing.assert_allclose(fast(m, x), plain(m, x), rtol=1e-14)
     for got, want in zip(jax.vjp(fast, m, x)[1](g), jax.vjp(plain, m, x)[1](g)):
@@ -339,4 +342,4 @@ def test_rotate_value_and_derivatives_match_plain_einsum():
     np.testing.assert_allclose(jax.hessian(scalar(fast))(1.3), jax.hessian(scalar(plain))(1.3), rtol=1e-11)
     # the transposed copy is a computational aid: perturbing it alone changes nothing
     ones = jnp.ones((7, 4, 5), jnp.float64)
-    assert not np.any(jax.jvp(lambda mt: so3.rotate(m, mt, x), (jnp.swapaxes(m, 1, 2),), (ones,))[1])
+    assert not np.any(jax.jvp(lambda mt: so3.Rotation(m, mt)(x), (jnp.swapaxes(m, 1, 2),), (ones,))[1])

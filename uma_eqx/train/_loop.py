@@ -339,7 +339,8 @@ def _write_metrics(out: pathlib.Path, history: list[dict]) -> None:
         if pts:
             ax[1].semilogy(*zip(*pts), marker="o", label=label)
     ax[1].set_xlabel("epoch")
-    ax[1].legend()
+    if ax[1].get_legend_handles_labels()[1]:  # no validation metrics: nothing to label
+        ax[1].legend()
     fig.tight_layout()
     fig.savefig(out / "learning_curve.png", dpi=100)
     plt.close(fig)
