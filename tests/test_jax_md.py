@@ -39,13 +39,13 @@ def _host(model, atoms):
     return uma_eqx.energy_forces_stress(model, graph)
 
 
-@pytest.mark.parametrize("fractional", [False, True])
-def test_energy_forces_stress_equal_host_graph(model64, fractional):
-    """Triclinic cell narrower than 2x the cutoff: many images, all found."""
+@pytest.mark.parametrize("fractional, method", [(False, "auto"), (True, "auto"), (False, "cell_list")])
+def test_energy_forces_stress_equal_host_graph(model64, fractional, method):
+    """Triclinic cell narrower than 2x the cutoff: many images, all found (by either search)."""
     atoms = _skewed_cu()
     ref = _host(model64, atoms)
     energy_fn, neighbor_fn = ujmd.energy_and_neighbor_fns(
-        model64, atoms, task_name=TASK, fractional_coordinates=fractional
+        model64, atoms, task_name=TASK, fractional_coordinates=fractional, neighbor_method=method
     )
     box = jnp.asarray(ujmd.box_from_atoms(atoms))
     R = jnp.asarray(atoms.get_scaled_positions() if fractional else atoms.positions)

@@ -128,3 +128,59 @@ def test_minimum_image_mode_matches_host(seed):
     # Shrinking the cell below 2 (cutoff + skin) invalidates the mode: flagged as overflow.
     small = cell * 0.8
     assert bool(fns.update(jnp.asarray(positions * 0.8), nbrs, jnp.asarray(small)).did_buffer_overflow)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_cell_list_same_edges_and_order_as_host(seed):
+    """The cell-list search: random triclinic cells (some narrower than the cutoff, some many bins
+    wide), mixed pbc and molecules; identical edges, in the host graph's order; then moved atoms."""
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(2, 160))
+    scale = rng.uniform(2.0, 16.0)
+    cell = rng.normal(size=(3, 3)) * 0.15 * scale + np.eye(3) * scale
+    pbc = (False, False, False) if seed == 0 else tuple(bool(p) for p in rng.random(3) < 0.7)
+    positions = rng.uniform(size=(n, 3)) @ cell
+    fns = NeighborListFns(cutoff=CUTOFF, pbc=pbc, skin=0.6, max_neighbors=None, method="cell_list")
+    nbrs = fns.allocate(positions, cell)
+    assert nbrs.grid is not None and not bool(nbrs.did_buffer_overflow)
+    assert _edges(nbrs, fns, positions, cell) == _host(positions, cell, pbc)
+    # the candidates come sorted like the host graph (target, source, image)
+    ei, sh = radius_graph(positions, cell, pbc, CUTOFF + 0.6, None)
+    valid = np.asarray(nbrs.edge_mask)
+    got = np.concatenate([np.asarray(nbrs.edge_index).T[valid][:, ::-1], np.asarray(nbrs.edge_shift)[valid]], 1)
+    want = np.concatenate([ei.T[:, ::-1], sh], 1)
+    want = want[np.lexsort((want[:, 4], want[:, 3], want[:, 2], want[:, 1], want[:, 0]))]
+    np.testing.assert_array_equal(got[:, :2], want[:, :2])
+    # same edges as the all-pairs search, in jit, after moving the atoms
+    update = jax.jit(fns.update)
+    far = positions + rng.normal(size=positions.shape) * 0.8
+    rebuilt = update(jnp.asarray(far), nbrs, jnp.asarray(cell))
+    if not bool(rebuilt.did_buffer_overflow):
+        assert _edges(rebuilt, fns, far, cell) == _host(far, cell, pbc)
+
+
+def test_cell_list_flags_a_full_bin():
+    cell = np.eye(3) * 20.0
+    rng = np.random.default_rng(0)
+    positions = rng.uniform(size=(40, 3)) @ cell
+    fns = NeighborListFns(cutoff=CUTOFF, pbc=(True, True, True), max_neighbors=None, method="cell_list")
+    nbrs = fns.allocate(positions, cell)
+    crowded = positions.copy()
+    crowded[:20] = crowded[0] + rng.normal(size=(20, 3)) * 0.3  # 20 atoms into one bin
+    rebuilt = jax.jit(fns.update)(jnp.asarray(crowded), nbrs, jnp.asarray(cell))
+    assert bool(rebuilt.did_buffer_overflow)
+    assert fns.allocate(crowded, cell).grid.bin_capacity >= 20  # reallocation sizes the bins anew
+
+
+def test_cell_list_is_chosen_for_large_systems():
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((16, 16, 8))  # 8192 atoms
+    fns = NeighborListFns(cutoff=CUTOFF, pbc=(True, True, True), max_neighbors=None)
+    nbrs = fns.allocate(atoms.positions, atoms.cell[:])
+    assert nbrs.grid is not None  # all pairs would be 8192² > MAX_PAIR_TABLE entries
+    assert _edges(nbrs, fns, atoms.positions, atoms.cell[:]) == _host(atoms.positions, atoms.cell[:], (True,) * 3)
+    with pytest.raises(ValueError, match="method='cell_list'"):
+        NeighborListFns(cutoff=CUTOFF, pbc=(True, True, True), method="all_pairs").allocate(
+            atoms.positions, atoms.cell[:]
+        )

@@ -7,7 +7,7 @@ Units are UMA's: energy eV, length Å, mass amu, so JAX-MD's time unit is
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import ase
 import ase.units
@@ -124,6 +124,7 @@ def energy_and_neighbor_fns(
     capacity_multiplier: float = DEFAULT_CAPACITY_MULTIPLIER,
     merge: bool = True,
     settings: ExecutionSettings | None = None,
+    neighbor_method: Literal["auto", "all_pairs", "cell_list"] = "auto",
 ) -> tuple[Callable[..., Float[Array, ""]], UMANeighborFn]:
     """A JAX-MD energy function of `model` for the atoms of `atoms`, and its neighbour list.
 
@@ -148,6 +149,8 @@ def energy_and_neighbor_fns(
     - `merge`: merge MoLE experts for this fixed composition (faster, same energies up to
         round-off); `False` also when `settings.merge_experts` is `False`.
     - `settings`: how to execute the model (see [`uma_eqx.ExecutionSettings`][]).
+    - `neighbor_method`: the neighbour list's candidate search (see
+        [`uma_eqx.neighbors.NeighborListFns`][]): all pairs, a cell list, or `"auto"`.
 
     **Returns:**
 
@@ -173,6 +176,7 @@ def energy_and_neighbor_fns(
         skin=skin,
         capacity_multiplier=capacity_multiplier,
         max_neighbors=cfg.max_neighbors,
+        method=neighbor_method,
     )
     default_box = jnp.asarray(box_from_atoms(atoms), model.dtype)
     neighbor_fn = UMANeighborFn(fns, default_box, fractional_coordinates)

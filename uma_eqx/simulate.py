@@ -7,6 +7,7 @@ work the same from the command line, a notebook or a script.
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,10 @@ class MDResult:
     log: list
     steps_per_second: float | None
     wall_time_s: float = 0.0
+
+
+#: The start of JAX's warning when a float64 dtype is requested without x64 (see `simulate`).
+_JAX_MD_X64_WARNING = "Explicitly requested dtype float64 requested in"
 
 
 def run_md(
@@ -107,7 +112,13 @@ def run_md(
     thermalize_momenta(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
     Stationary(atoms)
     run = _run_jax_md if engine == "jax-md" else _run_ase
-    return run(model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback)
+    with warnings.catch_warnings():
+        # JAX-MD's `util.high_precision_sum` asks for float64 sums, which JAX truncates (and warns
+        # about) when x64 is off: a float32 run is what was asked for, so the warning is noise here
+        warnings.filterwarnings("ignore", message=_JAX_MD_X64_WARNING, category=UserWarning)
+        return run(
+            model, atoms, task_name, ensemble, temperature_K, timestep_fs, steps, interval, pressure_GPa, callback
+        )
 
 
 class _Recorder:

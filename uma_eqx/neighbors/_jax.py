@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .._constants import MAX_NEIGHBORS
+from ._cells import CellGrid, cell_list_pairs, grid_still_valid, plan_grid
 
 #: Default Verlet skin in Å: pairs within `cutoff + skin` are kept as candidates, and the
 #: list is rebuilt once atoms have moved far enough to bring a new pair inside the cutoff.
@@ -39,7 +41,8 @@ class NeighborList(eqx.Module):
     [`uma_eqx.neighbors.NeighborListFns.allocate`][]), and the static `image_range` (the
     largest `|S_a|` searched per axis, fixed at allocation) and `minimum_image` (the cell is
     at least twice `cutoff + skin` wide along every periodic axis, so each pair has at most one
-    image in range, found by rounding: an `atoms²` search instead of `atoms² × images`).
+    image in range, found by rounding: an `atoms²` search instead of `atoms² × images`), and
+    the static `grid` of a cell-list search (`None` for the all-pairs search).
     """
 
     edge_index: Int[Array, "2 capacity"]
@@ -51,6 +54,7 @@ class NeighborList(eqx.Module):
     did_buffer_overflow: Bool[Array, ""]
     image_range: tuple[int, int, int] = eqx.field(static=True)
     minimum_image: bool = eqx.field(static=True, default=False)
+    grid: CellGrid | None = eqx.field(static=True, default=None)
 
     @property
     def capacity(self) -> int:
@@ -92,6 +96,11 @@ class NeighborListFns:
     - `max_neighbors`: fairchem's per-atom neighbour cap. The in-jit list does not apply the
         cap; [`uma_eqx.neighbors.NeighborListFns.graph_mask`][] reports an atom above it so
         the caller can refuse (the host graph applies it exactly).
+    - `method`: the candidate search. `"all_pairs"`: every pair (and image) of atoms, cheapest
+        for small systems, refused above `MAX_PAIR_TABLE` pair entries. `"cell_list"`: atoms
+        binned into boxes at least `cutoff + skin` wide, each atom looking at the neighbouring
+        boxes only (linear in the atom count; see `uma_eqx.neighbors._cells.cell_list_pairs`).
+        `"auto"` (default): all pairs up to `MAX_PAIR_TABLE`, the cell list beyond.
     """
 
     cutoff: float
@@ -99,12 +108,15 @@ class NeighborListFns:
     skin: float = DEFAULT_SKIN
     capacity_multiplier: float = DEFAULT_CAPACITY_MULTIPLIER
     max_neighbors: int | None = MAX_NEIGHBORS
+    method: Literal["auto", "all_pairs", "cell_list"] = "auto"
 
     def __post_init__(self):
         if not (math.isfinite(self.cutoff) and self.cutoff > 0):
             raise ValueError(f"cutoff must be a positive number of Å, got {self.cutoff!r}.")
         if not (math.isfinite(self.skin) and self.skin >= 0):
             raise ValueError(f"skin must be a non-negative number of Å, got {self.skin!r}.")
+        if self.method not in ("auto", "all_pairs", "cell_list"):
+            raise ValueError(f"method must be 'auto', 'all_pairs' or 'cell_list', got {self.method!r}.")
         if not self.capacity_multiplier >= 1.0:
             raise ValueError(f"capacity_multiplier must be >= 1, got {self.capacity_multiplier!r}.")
         pbc = tuple(bool(p) for p in np.broadcast_to(np.asarray(self.pbc, dtype=bool), (3,)))
@@ -159,11 +171,17 @@ class NeighborListFns:
         minimum_image = any(self.pbc) and bool(self._minimum_image_ok(cell))
         num_images = 1 if minimum_image else len(_image_shifts(image_range))
         table = positions.shape[0] ** 2 * num_images
+        if self.method == "cell_list" or (self.method == "auto" and table > MAX_PAIR_TABLE):
+            wrapped, _ = self._wrap(positions, cell)
+            grid = plan_grid(wrapped, cell, self.pbc, self.radius)
+            *_, count, _ = cell_list_pairs(wrapped, cell, self.pbc, self.radius, grid, 1)
+            capacity = max(math.ceil(int(count) * self.capacity_multiplier) + int(extra_capacity), 1)
+            return self._build(positions, cell, capacity, image_range, False, grid=grid)
         if table > MAX_PAIR_TABLE:
             raise ValueError(
                 f"in-jit neighbour list: {positions.shape[0]} atoms x {num_images} images = "
-                f"{table:,} pairs exceeds {MAX_PAIR_TABLE:,}; use the host graph "
-                "(AtomicGraph.from_atoms / UMACalculator) for systems this large."
+                f"{table:,} pairs exceeds {MAX_PAIR_TABLE:,} for method='all_pairs'; use method='cell_list' "
+                "(or 'auto')."
             )
         mask, _ = self._candidate_mask(positions, cell, image_range, minimum_image)
         count = int(jnp.sum(mask))
@@ -212,8 +230,17 @@ class NeighborListFns:
         return positions - k @ cell, k
 
     def _build(
-        self, positions, cell, capacity: int, image_range, minimum_image, overflow: bool | Bool[Array, ""] = False
+        self,
+        positions,
+        cell,
+        capacity: int,
+        image_range,
+        minimum_image,
+        overflow: bool | Bool[Array, ""] = False,
+        grid: CellGrid | None = None,
     ) -> NeighborList:
+        if grid is not None:
+            return self._build_cells(positions, cell, capacity, image_range, overflow, grid)
         mask, shifts = self._candidate_mask(positions, cell, image_range, minimum_image)
         shifts = jnp.broadcast_to(shifts, mask.shape + (3,))
         n, _, k = mask.shape
@@ -243,6 +270,28 @@ class NeighborListFns:
             did_buffer_overflow=jnp.asarray(overflow) | (count > capacity) | ~images_ok,
             image_range=image_range,
             minimum_image=minimum_image,
+        )
+
+    def _build_cells(self, positions, cell, capacity: int, image_range, overflow, grid: CellGrid) -> NeighborList:
+        wrapped, k_img = self._wrap(positions, cell)
+        pairs = cell_list_pairs(wrapped, cell, self.pbc, self.radius, grid, capacity)
+        target, source, shift, valid, count, full = pairs
+        last = positions.shape[0] - 1
+        edge_index = jnp.stack([jnp.where(valid, source, last), jnp.where(valid, target, last)])
+        # Back to the unwrapped positions: r = w + k H, so S' = S - (k_j - k_i).
+        edge_shift = jnp.where(valid[:, None], shift - (k_img[source] - k_img[target]), 0.0)
+        images_ok = grid_still_valid(cell, self.pbc, self.radius, grid)
+        return NeighborList(
+            edge_index=edge_index.astype(jnp.int32),
+            edge_shift=edge_shift,
+            edge_mask=valid,
+            reference_positions=positions,
+            reference_cell=cell,
+            num_candidates=count,
+            did_buffer_overflow=jnp.asarray(overflow) | full | ~images_ok,
+            image_range=image_range,
+            minimum_image=False,
+            grid=grid,
         )
 
     def update(
@@ -280,6 +329,7 @@ class NeighborListFns:
                 neighbors.image_range,
                 neighbors.minimum_image,
                 neighbors.did_buffer_overflow,
+                neighbors.grid,
             ),
             lambda: neighbors,
         )
