@@ -239,48 +239,24 @@ class NeighborListFns:
         overflow: bool | Bool[Array, ""] = False,
         grid: CellGrid | None = None,
     ) -> NeighborList:
-        if grid is not None:
-            return self._build_cells(positions, cell, capacity, image_range, overflow, grid)
-        mask, shifts = self._candidate_mask(positions, cell, image_range, minimum_image)
-        shifts = jnp.broadcast_to(shifts, mask.shape + (3,))
-        n, _, k = mask.shape
-        count = jnp.sum(mask, dtype=jnp.int32)
-        (flat,) = jnp.nonzero(mask.reshape(-1), size=capacity, fill_value=-1)
-        valid = flat >= 0
-        flat = jnp.where(valid, flat, 0)
-        target, rest = flat // (n * k), flat % (n * k)
-        source, image = rest // k, rest % k
-        last = n - 1
-        edge_index = jnp.stack([jnp.where(valid, source, last), jnp.where(valid, target, last)])
-        # Back to the unwrapped positions: r = w + k H, so S' = S - (k_j - k_i).
-        _, k_img = self._wrap(positions, cell)
-        pair_shift = shifts[target, source, image]
-        edge_shift = jnp.where(valid[:, None], pair_shift - (k_img[source] - k_img[target]), 0.0)
-        if minimum_image:
-            images_ok = self._minimum_image_ok(cell)
+        if grid is None:
+            target, source, pair_shift, valid, count, full = self._all_pairs(
+                positions, cell, capacity, image_range, minimum_image
+            )
+            if minimum_image:
+                images_ok = self._minimum_image_ok(cell)
+            else:
+                images_ok = jnp.all(self._needed_range(cell) <= jnp.asarray(image_range))
         else:
-            images_ok = jnp.all(self._needed_range(cell) <= jnp.asarray(image_range))
-        return NeighborList(
-            edge_index=edge_index.astype(jnp.int32),
-            edge_shift=edge_shift,
-            edge_mask=valid,
-            reference_positions=positions,
-            reference_cell=cell,
-            num_candidates=count,
-            did_buffer_overflow=jnp.asarray(overflow) | (count > capacity) | ~images_ok,
-            image_range=image_range,
-            minimum_image=minimum_image,
-        )
-
-    def _build_cells(self, positions, cell, capacity: int, image_range, overflow, grid: CellGrid) -> NeighborList:
-        wrapped, k_img = self._wrap(positions, cell)
-        pairs = cell_list_pairs(wrapped, cell, self.pbc, self.radius, grid, capacity)
-        target, source, shift, valid, count, full = pairs
+            wrapped, _ = self._wrap(positions, cell)
+            pairs = cell_list_pairs(wrapped, cell, self.pbc, self.radius, grid, capacity)
+            target, source, pair_shift, valid, count, full = pairs
+            images_ok = grid_still_valid(cell, self.pbc, self.radius, grid)
         last = positions.shape[0] - 1
         edge_index = jnp.stack([jnp.where(valid, source, last), jnp.where(valid, target, last)])
         # Back to the unwrapped positions: r = w + k H, so S' = S - (k_j - k_i).
-        edge_shift = jnp.where(valid[:, None], shift - (k_img[source] - k_img[target]), 0.0)
-        images_ok = grid_still_valid(cell, self.pbc, self.radius, grid)
+        _, k_img = self._wrap(positions, cell)
+        edge_shift = jnp.where(valid[:, None], pair_shift - (k_img[source] - k_img[target]), 0.0)
         return NeighborList(
             edge_index=edge_index.astype(jnp.int32),
             edge_shift=edge_shift,
@@ -290,9 +266,22 @@ class NeighborListFns:
             num_candidates=count,
             did_buffer_overflow=jnp.asarray(overflow) | full | ~images_ok,
             image_range=image_range,
-            minimum_image=False,
+            minimum_image=minimum_image,
             grid=grid,
         )
+
+    def _all_pairs(self, positions, cell, capacity: int, image_range, minimum_image):
+        """The all-pairs search: `(target, source, wrapped-frame shift, valid, count, overflow)`."""
+        mask, shifts = self._candidate_mask(positions, cell, image_range, minimum_image)
+        shifts = jnp.broadcast_to(shifts, mask.shape + (3,))
+        n, _, k = mask.shape
+        count = jnp.sum(mask, dtype=jnp.int32)
+        (flat,) = jnp.nonzero(mask.reshape(-1), size=capacity, fill_value=-1)
+        valid = flat >= 0
+        flat = jnp.where(valid, flat, 0)
+        target, rest = flat // (n * k), flat % (n * k)
+        source, image = rest // k, rest % k
+        return target, source, shifts[target, source, image], valid, count, count > capacity
 
     def update(
         self,
