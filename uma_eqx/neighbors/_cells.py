@@ -45,16 +45,20 @@ class CellGrid:
         return np.asarray(list(itertools.product(*ranges)), dtype=np.int32)
 
 
+def perpendicular_widths(cell: Float[Array, "3 3"]) -> Float[Array, "3"]:
+    """Width of the cell along each lattice direction: `V / |a_b x a_c|`."""
+    volume = jnp.abs(jnp.linalg.det(cell))
+    cross = jnp.stack([jnp.cross(cell[1], cell[2]), jnp.cross(cell[2], cell[0]), jnp.cross(cell[0], cell[1])])
+    return volume / jnp.maximum(jnp.linalg.norm(cross, axis=-1), jnp.finfo(cell.dtype).tiny)
+
+
 def binning_frame(
     positions: Float[Array, "atoms 3"], cell: Float[Array, "3 3"], pbc: tuple[bool, bool, bool]
 ) -> tuple[Float[Array, "atoms 3"], Float[Array, "3 3"], Float[Array, "3"]]:
     """Fractional coordinates in the binning cell, that cell, and its perpendicular widths."""
     frame = cell if any(pbc) else jnp.eye(3, dtype=positions.dtype)
     frac = jnp.linalg.solve(frame.T, positions.T).T
-    volume = jnp.abs(jnp.linalg.det(frame))
-    cross = jnp.stack([jnp.cross(frame[1], frame[2]), jnp.cross(frame[2], frame[0]), jnp.cross(frame[0], frame[1])])
-    widths = volume / jnp.maximum(jnp.linalg.norm(cross, axis=-1), jnp.finfo(frame.dtype).tiny)
-    return frac, frame, widths
+    return frac, frame, perpendicular_widths(frame)
 
 
 def _bin_coordinates(frac, widths, pbc, radius, grid: CellGrid):
@@ -109,7 +113,7 @@ def grid_still_valid(
     """Whether the periodic bins still reach every candidate in a (deformed) `cell`."""
     if not any(pbc):
         return jnp.asarray(True)
-    _, _, widths = binning_frame(jnp.zeros((1, 3), cell.dtype), cell, pbc)
+    widths = perpendicular_widths(cell)
     needed = jnp.ceil(radius * jnp.asarray(grid.bins, widths.dtype) / widths - 1e-12)
     return jnp.all(jnp.where(jnp.asarray(pbc), needed <= jnp.asarray(grid.reach), True))
 

@@ -11,7 +11,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .._constants import MAX_NEIGHBORS
-from ._cells import CellGrid, cell_list_pairs, grid_still_valid, plan_grid
+from ._cells import CellGrid, cell_list_pairs, grid_still_valid, perpendicular_widths, plan_grid
 
 #: Default Verlet skin in Å: pairs within `cutoff + skin` are kept as candidates, and the
 #: list is rebuilt once atoms have moved far enough to bring a new pair inside the cutoff.
@@ -128,7 +128,7 @@ class NeighborListFns:
         return self.cutoff + self.skin
 
     def _needed_range(self, cell: Float[Array, "3 3"]) -> Int[Array, "3"]:
-        widths = _perpendicular_widths(cell)
+        widths = perpendicular_widths(cell)
         needed = jnp.ceil(self.radius / widths).astype(jnp.int32)
         return jnp.where(jnp.asarray(self.pbc), needed, 0)
 
@@ -189,7 +189,7 @@ class NeighborListFns:
         return self._build(positions, cell, capacity, image_range, minimum_image)
 
     def _minimum_image_ok(self, cell: Float[Array, "3 3"]) -> Bool[Array, ""]:
-        widths = _perpendicular_widths(cell)
+        widths = perpendicular_widths(cell)
         return jnp.all(jnp.where(jnp.asarray(self.pbc), widths >= 2.0 * self.radius, True))
 
     def _candidate_mask(
@@ -381,10 +381,3 @@ def _image_shifts(image_range: tuple[int, int, int]) -> Float[np.ndarray, "image
     ranges = [np.arange(-n, n + 1) for n in image_range]
     grid = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)
     return grid.astype(np.float64)
-
-
-def _perpendicular_widths(cell: Float[Array, "3 3"]) -> Float[Array, "3"]:
-    """Width of the cell along each lattice direction: `V / |a_b x a_c|`."""
-    volume = jnp.abs(jnp.linalg.det(cell))
-    cross = jnp.stack([jnp.cross(cell[1], cell[2]), jnp.cross(cell[2], cell[0]), jnp.cross(cell[0], cell[1])])
-    return volume / jnp.maximum(jnp.linalg.norm(cross, axis=-1), jnp.finfo(cell.dtype).tiny)
