@@ -1,0 +1,956 @@
+"""`relax_batch`: FIRE relaxation of many structures at once, with a full batch and a crash-safe log.
+
+The batch is a fixed number of *slots*, each one padded single-structure graph plus its FIRE
+state; all slots step together in one compiled program (`jax.vmap` over the stacked slots,
+split over devices with [`uma_eqx.parallel.data_parallel`][]). A structure that converges,
+runs out of steps or fails leaves its slot, and the next structure of the input stream takes
+its place: slot sizes are fixed (grow-only, bucketed), so a swap never recompiles.
+
+Neighbours: each slot holds the candidate pairs within `cutoff + skin` (host radius graph,
+vesin) and the program keeps those inside the cutoff at every step, so the model sees
+exactly the host graph; a slot's candidates are rebuilt on the host once an atom moved (or
+the cell deformed) enough that a new pair could have entered the cutoff.
+"""
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import ase
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.linalg import expm, expm_frechet
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Float, Int
+
+from ._graph import AtomicGraph, bucket_size
+from ._potential import UMA, energy_forces_stress
+from ._predict import _relabel, _structures, _task_of
+from ._settings import DEFAULT_SETTINGS, ExecutionSettings
+from .neighbors import radius_graph
+from .neighbors._jax import DEFAULT_CAPACITY_MULTIPLIER, DEFAULT_SKIN
+from .parallel._data import BATCH_AXIS, batch_mesh, data_parallel, to_host
+
+#: Structures read ahead of the batch, in batches (slots are sized for them before they enter).
+LOOKAHEAD_BATCHES = 1
+#: Output suffixes written as JSON lines (one JSON object per result); anything else is extxyz.
+JSON_SUFFIXES = (".json", ".jsonl")
+#: Output suffixes written as extended XYZ (ASE's `extxyz` format).
+EXTXYZ_SUFFIXES = (".extxyz", ".xyz")
+
+
+@dataclasses.dataclass(frozen=True)
+class FIREParameters:
+    """FIRE's parameters, with ASE's defaults (`ase.optimize.FIRE`, ASE 3.29).
+
+    `maxstep` bounds the norm of the whole step of one structure (all atoms, and the cell
+    variables when the cell relaxes), as in ASE; `a` is the starting mixing coefficient and
+    `astart` the one it is reset to. `downhill_check` rejects a step that raised the energy
+    (ASE's option of the same name: back to the previous positions, velocity zeroed, `dt`
+    reduced).
+    """
+
+    dt: float = 0.1
+    maxstep: float = 0.2
+    dtmax: float = 1.0
+    n_min: int = 5
+    finc: float = 1.1
+    fdec: float = 0.5
+    astart: float = 0.1
+    fa: float = 0.99
+    a: float = 0.1
+    downhill_check: bool = False
+
+    def __post_init__(self):
+        for name in ("dt", "maxstep", "dtmax", "finc", "fdec", "astart", "fa", "a"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"FIREParameters.{name} must be a positive number, got {value!r}.")
+        if isinstance(self.n_min, bool) or not isinstance(self.n_min, int) or self.n_min < 0:
+            raise ValueError(f"FIREParameters.n_min must be an int >= 0, got {self.n_min!r}.")
+
+
+class _Slot(eqx.Module):
+    """One slot's FIRE state (ASE's `FIRE` attributes plus `FrechetCellFilter`'s variables).
+
+    The optimised variables are ASE's filter positions: `x`, the atoms in the undeformed cell
+    (`r = x Fᵀ`), and `log_cell = exp_cell_factor · log F`, with `F` the deformation gradient
+    from `orig_cell` (`cell = orig_cell Fᵀ`). Without cell relaxation `F = 1` and `x = r`.
+    """
+
+    x: Float[Array, "atoms 3"]
+    log_cell: Float[Array, "3 3"]
+    v: Float[Array, "atoms 3"]
+    v_cell: Float[Array, "3 3"]
+    dt: Float[Array, ""]
+    a: Float[Array, ""]
+    n_pos: Int[Array, ""]  # ASE's `Nsteps`: steps since the last reset
+    steps: Int[Array, ""]  # ASE's `nsteps`: optimizer steps taken
+    started: Bool[Array, ""]  # ASE's `vel is not None`
+    e_last: Float[Array, ""]
+    x_last: Float[Array, "atoms 3"]
+    log_cell_last: Float[Array, "3 3"]
+    orig_cell: Float[Array, "3 3"]
+    exp_cell_factor: Float[Array, ""]
+    relax_cell: Bool[Array, ""]
+    active: Bool[Array, ""]
+    ref_positions: Float[Array, "atoms 3"]  # Cartesian positions at the last neighbour build
+    ref_cell: Float[Array, "3 3"]
+    image_range: Float[Array, "3"]  # largest |S_a| of a candidate within cutoff + skin
+
+
+class _Report(eqx.Module):
+    """What one step reports per slot (evaluated at the slot's positions before the step)."""
+
+    energy: Float[Array, ""]
+    forces: Float[Array, "atoms 3"]
+    stress: Float[Array, "3 3"]
+    positions: Float[Array, "atoms 3"]
+    cell: Float[Array, "3 3"]
+    fmax: Float[Array, ""]
+    converged: Bool[Array, ""]
+    finished: Bool[Array, ""]
+    finite: Bool[Array, ""]
+    over_cap: Bool[Array, ""]
+    stale: Bool[Array, ""]
+    steps: Int[Array, ""]
+    next_positions: Float[Array, "atoms 3"]
+    next_cell: Float[Array, "3 3"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepConfig:
+    """What shapes the step program (static): a new value compiles a new program."""
+
+    downhill_check: bool
+    cutoff: float
+    skin: float
+    max_neighbors: int | None
+    settings: ExecutionSettings
+
+
+class _Knobs(eqx.Module):
+    """Run parameters passed as data, so that other values reuse the compiled step."""
+
+    fmax: Float[Array, ""]
+    max_steps: Int[Array, ""]
+    maxstep: Float[Array, ""]
+    dtmax: Float[Array, ""]
+    n_min: Int[Array, ""]
+    finc: Float[Array, ""]
+    fdec: Float[Array, ""]
+    astart: Float[Array, ""]
+    fa: Float[Array, ""]
+
+    @classmethod
+    def of(cls, fmax: float, max_steps: int, fire: FIREParameters, dtype) -> "_Knobs":
+        f = functools.partial(jnp.asarray, dtype=dtype)
+        return cls(
+            fmax=f(fmax),
+            max_steps=jnp.asarray(max_steps),
+            maxstep=f(fire.maxstep),
+            dtmax=f(fire.dtmax),
+            n_min=jnp.asarray(fire.n_min),
+            finc=f(fire.finc),
+            fdec=f(fire.fdec),
+            astart=f(fire.astart),
+            fa=f(fire.fa),
+        )
+
+
+def _vdot(p: tuple[Array, Array], q: tuple[Array, Array]) -> Float[Array, ""]:
+    """Dot product of two (atoms, cell) vectors of one structure: ASE's `np.vdot` on `(natoms + 3, 3)`."""
+    return jnp.sum(p[0] * q[0]) + jnp.sum(p[1] * q[1])
+
+
+def _deformation(slot: _Slot) -> Float[Array, "3 3"]:
+    eye = jnp.eye(3, dtype=slot.x.dtype)
+    return jnp.where(slot.relax_cell, expm(slot.log_cell / slot.exp_cell_factor), eye)
+
+
+def _slot_step(
+    shared: tuple[UMA, _Knobs], item: tuple[AtomicGraph, _Slot], config: _StepConfig
+) -> tuple[_Slot, _Report]:
+    """Evaluate one slot, test convergence, and take one FIRE step (ASE's `irun` loop body)."""
+    (model, fire), (graph, st) = shared, item
+    dtype = st.x.dtype
+    deform = _deformation(st)
+    positions = jnp.where(graph.atom_mask[:, None], st.x @ deform.T, 0.0)
+    cell = st.orig_cell @ deform.T
+    # the model's graph: the candidates inside the cutoff (fairchem's inclusive test, no zero-length edge)
+    source, target = graph.edge_index[0], graph.edge_index[1]
+    vectors = positions[source] - positions[target] + graph.edge_shift @ cell
+    d2 = jnp.sum(vectors * vectors, axis=-1)
+    edge_mask = graph.edge_mask & (d2 <= config.cutoff**2) & (d2 > 0)
+    if config.max_neighbors is None:
+        over_cap = jnp.asarray(False)
+    else:
+        counts = jax.ops.segment_sum(edge_mask.astype(jnp.int32), target, num_segments=graph.num_atoms)
+        over_cap = jnp.any(counts > config.max_neighbors)
+    g = eqx.tree_at(
+        lambda g: (g.positions, g.cell, g.edge_mask), graph, (positions, graph.cell.at[0].set(cell), edge_mask)
+    )
+    out = energy_forces_stress(model, g, settings=config.settings)
+    energy, forces, sigma = out["energy"][0], out["forces"], out["stress"][0]
+    finite = jnp.isfinite(energy) & jnp.all(jnp.isfinite(forces)) & jnp.all(jnp.isfinite(sigma))
+
+    # FrechetCellFilter.get_forces (scalar_pressure 0): atoms' forces in the undeformed frame, and
+    # the gradient of the energy with respect to log F (the adjoint of expm's Fréchet derivative)
+    volume = jnp.abs(jnp.linalg.det(cell))
+    virial = -volume * 0.5 * (sigma + sigma.T)  # ASE reads the stress through Voigt notation
+    ucf_gradient = virial @ jnp.linalg.inv(deform.T)
+    log_deform = st.log_cell / st.exp_cell_factor
+    cell_force = expm_frechet(log_deform.T, ucf_gradient, compute_expm=False) / st.exp_cell_factor
+    g_atoms = jnp.where(st.relax_cell, forces @ deform, forces)
+    g_cell = jnp.where(st.relax_cell, cell_force, jnp.zeros((3, 3), dtype))
+    row2 = jnp.concatenate([jnp.where(graph.atom_mask, jnp.sum(g_atoms**2, -1), 0.0), jnp.sum(g_cell**2, -1)])
+    fmax = jnp.sqrt(jnp.max(row2))
+    converged = fmax < fire.fmax  # ASE's Optimizable.converged: strictly below
+    move = st.active & finite & ~over_cap & ~converged & (st.steps < fire.max_steps)
+
+    # FIRE.step
+    x, log_cell, e_last = st.x, st.log_cell, st.e_last
+    uphill = jnp.asarray(False)
+    if config.downhill_check:
+        uphill = st.started & (energy > st.e_last)
+        x = jnp.where(uphill, st.x_last, st.x)
+        log_cell = jnp.where(uphill, st.log_cell_last, st.log_cell)
+        e_last = jnp.where(uphill, st.e_last, energy)
+    gradient = (g_atoms, g_cell)
+    velocity = (st.v, st.v_cell)
+    vf = _vdot(gradient, velocity)
+    grad2 = _vdot(gradient, gradient)
+    mix = st.started & (vf > 0.0) & ~uphill
+    reset = st.started & ~mix
+    scale = st.a * jnp.sqrt(_vdot(velocity, velocity)) / jnp.sqrt(jnp.where(grad2 > 0, grad2, 1.0))
+    grow = mix & (st.n_pos > fire.n_min)
+    dt = jnp.where(grow, jnp.minimum(st.dt * fire.finc, fire.dtmax), jnp.where(reset, st.dt * fire.fdec, st.dt))
+    a = jnp.where(grow, st.a * fire.fa, jnp.where(reset, fire.astart, st.a))
+    n_pos = jnp.where(mix, st.n_pos + 1, jnp.where(reset, 0, st.n_pos))
+    v, v_cell = (jnp.where(mix, (1.0 - st.a) * vel + scale * grad, jnp.where(reset, 0.0, vel)) for vel, grad in
+                 zip(velocity, gradient))  # fmt: skip
+    v, v_cell = v + dt * g_atoms, v_cell + dt * g_cell
+    dr, dr_cell = dt * v, dt * v_cell
+    norm = jnp.sqrt(_vdot((dr, dr_cell), (dr, dr_cell)))
+    shrink = jnp.where(norm > fire.maxstep, fire.maxstep / jnp.where(norm > 0, norm, 1.0), 1.0)
+    new = _Slot(
+        x=x + shrink * dr,
+        log_cell=log_cell + shrink * dr_cell,
+        v=v,
+        v_cell=v_cell,
+        dt=dt,
+        a=a,
+        n_pos=n_pos,
+        steps=st.steps + 1,
+        started=jnp.asarray(True),
+        e_last=e_last,
+        x_last=x,
+        log_cell_last=log_cell,
+        orig_cell=st.orig_cell,
+        exp_cell_factor=st.exp_cell_factor,
+        relax_cell=st.relax_cell,
+        active=st.active,
+        ref_positions=st.ref_positions,
+        ref_cell=st.ref_cell,
+        image_range=st.image_range,
+    )
+    new = jax.tree.map(lambda n, o: jnp.where(move, n, o), new, st)
+
+    # Verlet bound: a pair outside cutoff + skin may have come inside the cutoff
+    next_deform = _deformation(new)
+    next_positions = jnp.where(graph.atom_mask[:, None], new.x @ next_deform.T, 0.0)
+    next_cell = new.orig_cell @ next_deform.T
+    moved = jnp.max(jnp.where(graph.atom_mask, jnp.linalg.norm(next_positions - st.ref_positions, axis=-1), 0.0))
+    strained = jnp.sum(st.image_range * jnp.linalg.norm(next_cell - st.ref_cell, axis=-1))
+    stale = move & (2.0 * moved + strained > config.skin)
+    report = _Report(
+        energy=energy,
+        forces=forces,
+        stress=sigma,
+        positions=positions,
+        cell=cell,
+        fmax=fmax,
+        converged=converged,
+        finished=st.active & ~move,
+        finite=finite,
+        over_cap=over_cap,
+        stale=stale,
+        steps=st.steps,
+        next_positions=next_positions,
+        next_cell=next_cell,
+    )
+    return new, report
+
+
+@eqx.filter_jit
+def _step(
+    model: UMA, knobs: _Knobs, graphs: AtomicGraph, slots: _Slot, config: _StepConfig, mesh: Mesh
+) -> tuple[_Slot, _Report]:
+    """One step of every slot: one compiled program per slot size, config and mesh."""
+
+    def one(shared, item):
+        return _slot_step(shared, item, config)
+
+    return data_parallel(one, mesh)((model, knobs), (graphs, slots))
+
+
+# ---------------------------------------------------------------------------------------------
+# host side: slots as numpy arrays
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A structure admitted to a slot: what the host keeps to rebuild neighbours and report."""
+
+    index: int
+    atoms: ase.Atoms
+    task: str
+    natoms: int
+    pbc: np.ndarray
+
+
+def _image_range(cell: np.ndarray, pbc: np.ndarray, radius: float) -> np.ndarray:
+    """`ceil(radius / w_a)` along periodic axes (`w_a` the width across lattice plane `a`), else 0."""
+    if not pbc.any():
+        return np.zeros(3)
+    volume = abs(float(np.linalg.det(cell)))
+    areas = np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=-1)
+    return np.where(pbc, np.ceil(radius / (volume / areas)), 0.0)
+
+
+def _candidates(positions, cell, pbc, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair within `radius` (no neighbour cap): `(edge_index (2, E), shifts (E, 3))`."""
+    return radius_graph(positions, cell, pbc, radius, max_neighbors=None)
+
+
+class _Batch:
+    """The host mirror of the slots (graphs and FIRE state as stacked numpy arrays)."""
+
+    def __init__(self, num_slots: int, atoms_cap: int, edges_cap: int, dtype, index_dtype, fire: FIREParameters):
+        self.dtype, self.index_dtype, self.fire = dtype, index_dtype, fire
+        self.num_slots = num_slots
+        self.atoms_cap, self.edges_cap = 0, 0
+        self.graph: dict[str, np.ndarray] = {}
+        self.state: dict[str, np.ndarray] = {}
+        self.entries: list[_Entry | None] = [None] * num_slots
+        self._allocate(atoms_cap, edges_cap)
+
+    def _allocate(self, atoms_cap: int, edges_cap: int) -> None:
+        b, a, e, f, i = self.num_slots, atoms_cap, edges_cap, self.dtype, self.index_dtype
+        graph = {
+            "positions": np.zeros((b, a, 3), f),
+            "atomic_numbers": np.zeros((b, a), i),
+            "system_index": np.ones((b, a), i),
+            "edge_index": np.full((b, 2, e), a - 1, i),
+            "edge_shift": np.zeros((b, e, 3), f),
+            "cell": np.broadcast_to(np.eye(3, dtype=f), (b, 2, 3, 3)).copy(),
+            "charge": np.zeros((b, 2), i),
+            "spin": np.zeros((b, 2), i),
+            "dataset_index": np.zeros((b, 2), i),
+            "atom_mask": np.zeros((b, a), bool),
+            "edge_mask": np.zeros((b, e), bool),
+            "system_mask": np.zeros((b, 2), bool),
+        }
+        eye = np.broadcast_to(np.eye(3, dtype=f), (b, 3, 3)).copy()
+        state = {
+            "x": np.zeros((b, a, 3), f),
+            "log_cell": np.zeros((b, 3, 3), f),
+            "v": np.zeros((b, a, 3), f),
+            "v_cell": np.zeros((b, 3, 3), f),
+            "dt": np.full(b, self.fire.dt, f),
+            "a": np.full(b, self.fire.a, f),
+            "n_pos": np.zeros(b, i),
+            "steps": np.zeros(b, i),
+            "started": np.zeros(b, bool),
+            "e_last": np.zeros(b, f),
+            "x_last": np.zeros((b, a, 3), f),
+            "log_cell_last": np.zeros((b, 3, 3), f),
+            "orig_cell": eye.copy(),
+            "exp_cell_factor": np.ones(b, f),
+            "relax_cell": np.zeros(b, bool),
+            "active": np.zeros(b, bool),
+            "ref_positions": np.zeros((b, a, 3), f),
+            "ref_cell": eye.copy(),
+            "image_range": np.zeros((b, 3), f),
+        }
+        if self.graph:  # grow: copy the old contents into the larger arrays
+            old_a, old_e = self.atoms_cap, self.edges_cap
+            for name, old in self.graph.items():
+                if name == "edge_index":
+                    graph[name][:, :, :old_e] = np.where(old == old_a - 1, a - 1, old)
+                elif name in ("edge_shift", "edge_mask"):
+                    graph[name][:, :old_e] = old
+                elif name in ("cell", "charge", "spin", "dataset_index", "system_mask"):
+                    graph[name][:] = old
+                else:
+                    graph[name][:, :old_a] = old
+            for name, old in self.state.items():
+                if old.ndim >= 2 and old.shape[1] == old_a and name in ("x", "v", "x_last", "ref_positions"):
+                    state[name][:, :old_a] = old
+                else:
+                    state[name][:] = old
+        self.graph, self.state = graph, state
+        self.atoms_cap, self.edges_cap = atoms_cap, edges_cap
+
+    def fit(self, natoms: int, nedges: int) -> bool:
+        """Grow (bucketed, grow-only) so that a slot holds `natoms` atoms and `nedges` candidates; True if grown."""
+        need_a = max(self.atoms_cap, bucket_size(natoms + 1))  # +1: a padded atom for padded edges
+        need_e = self.edges_cap
+        if nedges > self.edges_cap:
+            need_e = bucket_size(math.ceil(nedges * DEFAULT_CAPACITY_MULTIPLIER))
+        if (need_a, need_e) == (self.atoms_cap, self.edges_cap):
+            return False
+        self._allocate(need_a, need_e)
+        return True
+
+    def set_edges(self, s: int, edges: np.ndarray, shifts: np.ndarray, positions, cell, pbc, radius: float) -> None:
+        n_e = edges.shape[1]
+        g, st = self.graph, self.state
+        g["edge_index"][s] = self.atoms_cap - 1
+        g["edge_index"][s, :, :n_e] = edges
+        g["edge_shift"][s] = 0.0
+        g["edge_shift"][s, :n_e] = shifts
+        g["edge_mask"][s] = False
+        g["edge_mask"][s, :n_e] = True
+        n = positions.shape[0]
+        st["ref_positions"][s] = 0.0
+        st["ref_positions"][s, :n] = positions
+        st["ref_cell"][s] = cell
+        st["image_range"][s] = _image_range(cell, pbc, radius)
+
+    def admit(self, s: int, entry: _Entry, template: AtomicGraph, relax_cell: bool, exp_cell_factor, edges) -> None:
+        n, g, st = entry.natoms, self.graph, self.state
+        positions = np.asarray(entry.atoms.positions, np.float64)
+        cell = np.asarray(template.cell[0], np.float64)
+        for name in ("positions", "atomic_numbers", "atom_mask"):
+            g[name][s] = 0
+        g["atomic_numbers"][s, :n] = np.asarray(template.atomic_numbers)
+        g["atom_mask"][s, :n] = True
+        g["system_index"][s] = 1
+        g["system_index"][s, :n] = 0
+        g["cell"][s] = np.eye(3)
+        g["cell"][s, 0] = cell
+        for name in ("charge", "spin", "dataset_index"):
+            g[name][s] = 0
+            g[name][s, 0] = np.asarray(getattr(template, name))[0]
+        g["system_mask"][s] = (True, False)
+        for name in ("x", "v", "x_last", "log_cell", "v_cell", "log_cell_last"):
+            st[name][s] = 0.0
+        st["x"][s, :n] = positions
+        st["x_last"][s, :n] = positions
+        st["dt"][s], st["a"][s] = self.fire.dt, self.fire.a
+        st["n_pos"][s] = st["steps"][s] = 0
+        st["started"][s] = False
+        st["e_last"][s] = 0.0
+        st["orig_cell"][s] = cell
+        st["exp_cell_factor"][s] = float(n) if exp_cell_factor is None else exp_cell_factor
+        st["relax_cell"][s] = relax_cell
+        st["active"][s] = True
+        self.entries[s] = entry
+        self.set_edges(s, edges[0], edges[1], positions, cell, entry.pbc, edges[2])
+
+    def vacate(self, s: int) -> None:
+        """Mark slot `s` empty: its graph becomes padding only (zero energy), its state inactive."""
+        g = self.graph
+        g["atom_mask"][s] = False
+        g["atomic_numbers"][s] = 0
+        g["system_index"][s] = 1
+        g["edge_mask"][s] = False
+        g["edge_index"][s] = self.atoms_cap - 1
+        g["system_mask"][s] = False
+        self.state["active"][s] = False
+        self.state["relax_cell"][s] = False
+        self.entries[s] = None
+
+
+def _place(host: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
+    return {k: jax.device_put(v, sharding) for k, v in host.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# results: one record per input index, appended and fsynced as they finish
+
+
+def _record_atoms(result: dict) -> ase.Atoms:
+    """An output frame: the final structure with `energy/forces/stress` and the record's scalars in `info`."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms = result["atoms"].copy() if isinstance(result.get("atoms"), ase.Atoms) else ase.Atoms()
+    atoms.calc = None
+    for key in list(atoms.info):
+        if key in _INFO_KEYS:
+            del atoms.info[key]
+    atoms.info.update({k: result[k] for k in _INFO_KEYS if result.get(k) is not None})
+    if "energy" in result:
+        stress = np.asarray(result["stress"], np.float64)
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=result["energy"], forces=np.asarray(result["forces"]), stress=stress
+        )
+    return atoms
+
+
+#: Record fields kept in an extxyz frame's `info` (and in every JSON record).
+_INFO_KEYS = ("index", "task", "natoms", "steps", "converged", "fmax", "error")
+
+
+def _json_record(result: dict) -> dict:
+    record = {k: result[k] for k in _INFO_KEYS if k in result}
+    if "energy" in result:
+        record.update(energy=result["energy"], forces=np.asarray(result["forces"]).tolist(),
+                      stress=np.asarray(result["stress"]).tolist())  # fmt: skip
+    atoms = result.get("atoms")
+    if isinstance(atoms, ase.Atoms):
+        record["structure"] = {
+            "numbers": atoms.numbers.tolist(),
+            "positions": atoms.positions.tolist(),
+            "cell": np.asarray(atoms.cell).tolist(),
+            "pbc": atoms.pbc.tolist(),
+        }
+    return record
+
+
+def _from_json(record: dict) -> dict:
+    result = dict(record)
+    structure = result.pop("structure", None)
+    if structure is not None:
+        result["atoms"] = ase.Atoms(
+            numbers=structure["numbers"], positions=structure["positions"], cell=structure["cell"], pbc=structure["pbc"]
+        )
+    for key in ("forces", "stress"):
+        if key in result:
+            result[key] = np.asarray(result[key], np.float64)
+    return result
+
+
+def _from_frame(atoms: ase.Atoms) -> dict:
+    result: dict[str, Any] = {k: atoms.info[k] for k in _INFO_KEYS if k in atoms.info}
+    result["index"] = int(result["index"])
+    if atoms.calc is not None and "energy" in atoms.calc.results:
+        result["energy"] = float(atoms.calc.results["energy"])
+        result["forces"] = np.asarray(atoms.calc.results["forces"], np.float64)
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        stress = np.asarray(atoms.calc.results["stress"], np.float64)
+        result["stress"] = voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress
+    if "converged" in result:
+        result["converged"] = bool(result["converged"])
+    frame = atoms.copy()
+    frame.calc = None
+    for key in _INFO_KEYS:
+        frame.info.pop(key, None)
+    result["atoms"] = frame
+    return result
+
+
+class ResultLog:
+    """An append-only, crash-safe file of results: one record per input index.
+
+    Each record is written whole with one `write`, then flushed and `fsync`ed, so a killed
+    run leaves every finished record on disk and at most one torn record at the end, which
+    [`ResultLog.open`][uma_eqx.relax.ResultLog.open] cuts off. Formats by suffix: `.json` /
+    `.jsonl` (one JSON object per line) or `.extxyz` / `.xyz` (one frame per record; the final
+    structure with `energy`, `forces`, `stress` and the record's `index`, `steps`,
+    `converged`, `fmax`, `task`, `natoms`, `error` in `info`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        suffix = os.path.splitext(self.path)[1].lower()
+        if suffix not in JSON_SUFFIXES + EXTXYZ_SUFFIXES:
+            raise ValueError(
+                f"output {self.path!r}: unknown suffix {suffix!r}; use one of "
+                f"{', '.join(JSON_SUFFIXES + EXTXYZ_SUFFIXES)}."
+            )
+        self.json = suffix in JSON_SUFFIXES
+
+    def open(self) -> dict[int, dict]:
+        """Read the finished records (cutting off a torn last record) and open for appending.
+
+        **Returns:**
+
+        The records already on disk, by input index.
+        """
+        done: dict[int, dict] = {}
+        if os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                data = f.read()
+            good, records = self._parse(data)
+            if good < len(data):
+                with open(self.path, "r+b") as f:
+                    f.truncate(good)
+                    f.flush()
+                    os.fsync(f.fileno())
+            for record in records:
+                done[int(record["index"])] = record
+        self._file = open(self.path, "ab")
+        return done
+
+    def _parse(self, data: bytes) -> tuple[int, list[dict]]:
+        """`(bytes of complete records, records)`."""
+        records, good, pos = [], 0, 0
+        if self.json:
+            for line in data.splitlines(keepends=True):
+                pos += len(line)
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    records.append(_from_json(json.loads(line)))
+                except ValueError:
+                    break
+                good = pos
+            return good, records
+        import io
+
+        from ase.io import read
+
+        lines = data.splitlines(keepends=True)
+        i = 0
+        while i < len(lines):
+            try:
+                n = int(lines[i].strip())
+            except ValueError:
+                break
+            if i + n + 2 > len(lines) or not lines[i + n + 1].endswith(b"\n"):
+                break
+            chunk = b"".join(lines[i : i + n + 2])
+            try:
+                frame = read(io.StringIO(chunk.decode()), format="extxyz")
+            except Exception:  # noqa: BLE001 - any parse failure marks a torn record
+                break
+            assert isinstance(frame, ase.Atoms)
+            records.append(_from_frame(frame))
+            good += len(chunk)
+            i += n + 2
+        return good, records
+
+    def append(self, result: dict) -> None:
+        """Write one record and make it durable (`flush` + `fsync`)."""
+        if self.json:
+            data = (json.dumps(_json_record(result)) + "\n").encode()
+        else:
+            import io
+
+            from ase.io import write
+
+            text = io.StringIO()
+            write(text, _record_atoms(result), format="extxyz")
+            data = text.getvalue().encode()
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def finish(self, results: Sequence[dict]) -> None:
+        """Rewrite the file with every record in input order (atomically: temporary file, then rename)."""
+        self._file.close()
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            self._file = f
+            for result in results:
+                if self.json:
+                    f.write((json.dumps(_json_record(result)) + "\n").encode())
+                else:
+                    import io
+
+                    from ase.io import write
+
+                    text = io.StringIO()
+                    write(text, _record_atoms(result), format="extxyz")
+                    f.write(text.getvalue().encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def relax_batch(
+    model: UMA,
+    structures: "str | os.PathLike | ase.Atoms | Iterable[ase.Atoms]",
+    task_name: str | Sequence[str | None] | None = None,
+    *,
+    fmax: float = 0.05,
+    cell: bool = False,
+    max_steps: int = 500,
+    batch_size: int = 32,
+    output: str | os.PathLike | None = None,
+    settings: ExecutionSettings | None = None,
+    devices: int | Sequence[Any] | None = None,
+    fire: FIREParameters | None = None,
+    exp_cell_factor: float | None = None,
+    skin: float = DEFAULT_SKIN,
+    progress: bool = False,
+    callback: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Relax many structures with FIRE, all slots of a batch in one compiled step.
+
+    The optimizer is ASE's `FIRE` (same parameters, same step, same convergence rule: the
+    largest row norm of the optimised forces strictly below `fmax`), applied to the atoms'
+    positions and, with `cell=True`, to the cell through ASE's `FrechetCellFilter` (scalar
+    pressure 0): the variables are the positions in the undeformed cell, `x = r F⁻ᵀ`, and
+    `exp_cell_factor · log F` for the deformation gradient `F` from the starting cell; their
+    forces are `f F` and
+
+    $$G = \\frac{1}{c}\\, L_{\\exp}\\big((\\log F)^\\top,\\; -V\\sigma F^{-\\top}\\big),$$
+
+    the gradient of the energy with respect to `log F` (`L_exp` the Fréchet derivative of the
+    matrix exponential, `c = exp_cell_factor`, `σ` the stress, `V` the volume). The three
+    rows of `G` count in the convergence test, as in ASE.
+
+    `batch_size` slots step together (`jax.vmap`, split over `devices`); a structure leaves its
+    slot when it converges, reaches `max_steps` or fails, and the next one from the stream
+    takes the slot. Slot sizes (atoms, candidate edges) are bucketed and only grow, so a run
+    compiles a few times at most, never per swap. Each slot's neighbours are pairs within
+    `cutoff + skin`, filtered to the cutoff at every step and rebuilt on the host (vesin) when
+    the Verlet bound says a new pair may have come inside the cutoff: energies equal the
+    one-structure [`uma_eqx.calculator.UMACalculator`][]'s up to round-off (experts are mixed
+    per structure rather than merged).
+
+    With `output`, each result is appended to the file as it finishes (`fsync`ed; one record
+    per input index, see [`uma_eqx.relax.ResultLog`][]). Run the same call again after a crash
+    or a kill: finished indices are read back and skipped, the rest run, and every input ends
+    with exactly one record; when all are done the file is rewritten in input order.
+
+    **Arguments:**
+
+    - `model`: the model.
+    - `structures`: a list/iterable of `ase.Atoms`, one `ase.Atoms`, or a path to any file
+        ASE reads (all frames, streamed).
+    - `task_name`: one task for all, one per structure, or `None` (`atoms.info["task"]`, or
+        the model's only task).
+    - `fmax`: convergence threshold in eV/Å.
+    - `cell`: also relax the cell of fully periodic structures (others relax positions only).
+    - `max_steps`: FIRE steps at most per structure (ASE's `steps`).
+    - `batch_size`: slots stepping together (rounded up to a multiple of the device count).
+    - `output`: a `.extxyz`/`.xyz` or `.json`/`.jsonl` file written as results finish (and
+        read back to resume).
+    - `settings`: how to execute the model (see [`uma_eqx.ExecutionSettings`][]).
+    - `devices`: devices the slots are split over: `None` for all local devices, a count, or
+        a list (see [`uma_eqx.parallel.resolve_devices`][]).
+    - `fire`: FIRE's parameters (default ASE's, [`uma_eqx.relax.FIREParameters`][]).
+    - `exp_cell_factor`: `FrechetCellFilter`'s scale of the cell variables; default the
+        structure's atom count (ASE's default).
+    - `skin`: Verlet skin of the candidate pairs in Å.
+    - `progress`: show a tqdm progress bar.
+    - `callback`: called with each result as it finishes.
+
+    **Returns:**
+
+    One dict per input structure, in input order: `index`, `energy` (eV), `forces` (`(n, 3)`
+    eV/Å, Cartesian), `stress` (`(3, 3)` eV/Å³), `steps` (FIRE steps taken), `converged`,
+    `fmax` (the convergence measure at the end), `atoms` (the final structure: positions and
+    cell; `info` kept), `task`, `natoms`. A structure the model cannot take (unknown element,
+    NaN position, overlapping atoms, bad task), or whose energy became non-finite, gets
+    `{"index", "error", "natoms", "task", "steps", "converged": False}` (plus its last state
+    for a failure during the run) and the others go on. Not converged within `max_steps`:
+    `converged=False` with the last state.
+    """
+    from tqdm import tqdm
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}.")
+    if not (isinstance(fmax, (int, float)) and math.isfinite(fmax) and fmax > 0):
+        raise ValueError(f"fmax must be a positive number of eV/Å, got {fmax!r}.")
+    if not (isinstance(skin, (int, float)) and math.isfinite(skin) and skin >= 0):
+        raise ValueError(f"skin must be a number of Å >= 0, got {skin!r}.")
+    if exp_cell_factor is not None and not (math.isfinite(exp_cell_factor) and exp_cell_factor > 0):
+        raise ValueError(f"exp_cell_factor must be a positive number or None, got {exp_cell_factor!r}.")
+    fire = FIREParameters() if fire is None else fire
+    settings = DEFAULT_SETTINGS if settings is None else settings
+    cfg = model.config
+    mesh = batch_mesh(devices)
+    num_slots = -(-batch_size // mesh.size) * mesh.size
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    radius = cfg.cutoff + skin
+    config = _StepConfig(fire.downhill_check, float(cfg.cutoff), float(skin), cfg.max_neighbors, settings)
+    dtype = np.dtype(model.dtype)
+    knobs = _Knobs.of(fmax, max_steps, fire, dtype)
+    index_dtype = np.dtype(jnp.zeros((), int).dtype)
+
+    log = ResultLog(output) if output is not None else None
+    results: dict[int, dict] = log.open() if log is not None else {}
+    bar = tqdm(desc="relax", unit="structure", disable=not progress)
+    batch = _Batch(num_slots, 1, 1, dtype, index_dtype, fire)
+
+    def emit(result: dict) -> None:
+        results[result["index"]] = result
+        if log is not None:
+            log.append(result)
+        if callback is not None:
+            callback(result)
+        bar.update(1)
+
+    def fail(k: int, atoms, task, message: str, steps: int = 0, last: dict | None = None) -> None:
+        natoms = len(atoms) if isinstance(atoms, ase.Atoms) else 0
+        row = {"index": k, "error": message, "natoms": natoms, "task": task, "steps": steps, "converged": False}
+        if last is not None:
+            row.update(last)
+        emit(row)
+
+    stream = _Admissions(model, structures, task_name, results, fail, radius, cell)
+
+    pending: collections.deque = collections.deque()
+    items = iter(stream)
+
+    def prefetch(n: int) -> None:
+        """Read ahead until `n` structures wait (or the stream ends), sizing the slots for all of them.
+
+        Sizing for the structures ahead before the first step makes the slots big enough from the
+        start in most runs, so that later swaps rarely grow them (each growth compiles once).
+        """
+        while len(pending) < n:
+            item = next(items, None)
+            if item is None:
+                return
+            entry, _, edges, _ = item
+            batch.fit(entry.natoms, edges[0].shape[1])
+            pending.append(item)
+
+    def refill(s: int) -> bool:
+        """Put the next good structure into slot `s`; False (slot vacated) when the stream is done."""
+        prefetch(1 + LOOKAHEAD_BATCHES * num_slots)
+        if not pending:
+            batch.vacate(s)
+            return False
+        entry, template, edges, relax_cell = pending.popleft()
+        batch.admit(s, entry, template, relax_cell, exp_cell_factor, (edges[0], edges[1], radius))
+        return True
+
+    try:
+        for s in range(num_slots):
+            if not refill(s):
+                break
+        while any(batch.state["active"]):
+            graphs = AtomicGraph(**_place(batch.graph, sharding))
+            slots = _Slot(**_place(batch.state, sharding))
+            new, report = _step(model, knobs, graphs, slots, config, mesh)
+            flags = to_host((report.finished, report.stale))
+            finished, stale = np.asarray(flags[0]), np.asarray(flags[1])
+            host_new = to_host(new)
+            batch.state = {f.name: np.array(getattr(host_new, f.name)) for f in dataclasses.fields(_Slot)}
+            if not (finished.any() or stale.any()):
+                continue
+            rep = to_host(report)
+            for s in np.flatnonzero(stale & ~finished).tolist():
+                entry = batch.entries[s]
+                assert entry is not None
+                n = entry.natoms
+                positions = np.asarray(rep.next_positions[s, :n], np.float64)
+                cell_now = np.asarray(rep.next_cell[s], np.float64)
+                edges, shifts = _candidates(positions, cell_now, entry.pbc, radius)
+                if batch.fit(n, edges.shape[1]):
+                    pass  # grown: slots keep their contents; the next step compiles once for the new size
+                batch.set_edges(s, edges, shifts, positions, cell_now, entry.pbc, radius)
+            for s in np.flatnonzero(finished).tolist():
+                entry = batch.entries[s]
+                assert entry is not None
+                emit(_result(entry, rep, s, cell))
+                refill(s)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    total = stream.count
+    missing = [k for k in range(total) if k not in results]
+    if missing:
+        raise RuntimeError(f"relax_batch: no result for structures {missing[:10]} (a bug; please report it).")
+    ordered = [results[k] for k in range(total)]
+    if log is not None:
+        log.finish(ordered)
+    return ordered
+
+
+def _result(entry: _Entry, rep: _Report, s: int, cell: bool) -> dict:
+    """The record of the structure that just left slot `s`."""
+    n = entry.natoms
+    atoms = entry.atoms.copy()
+    atoms.calc = None
+    atoms.positions = np.asarray(rep.positions[s, :n], np.float64)
+    if cell and atoms.pbc.all():
+        atoms.set_cell(np.asarray(rep.cell[s], np.float64), scale_atoms=False)
+    row: dict[str, Any] = {
+        "index": entry.index,
+        "task": entry.task,
+        "natoms": n,
+        "steps": int(rep.steps[s]),
+        "converged": bool(rep.converged[s]),
+        "fmax": float(rep.fmax[s]),
+        "atoms": atoms,
+    }
+    if not bool(rep.finite[s]):
+        row["error"] = (
+            f"structure #{entry.index}: the energy, forces or stress became non-finite after "
+            f"{int(rep.steps[s])} steps; check the structure (or relax it with uma_eqx.simulate.relax)"
+        )
+        row["converged"] = False
+        return row
+    row.update(
+        energy=float(rep.energy[s]),
+        forces=np.asarray(rep.forces[s, :n], np.float64),
+        stress=np.asarray(rep.stress[s], np.float64),
+    )
+    if bool(rep.over_cap[s]):
+        row["error"] = (
+            f"structure #{entry.index}: an atom has more than the model's max_neighbors neighbours within the "
+            "cutoff, where fairchem applies its neighbour cap, which the batched graph does not reproduce; relax "
+            "it with uma_eqx.simulate.relax"
+        )
+        row["converged"] = False
+    return row
+
+
+class _Admissions:
+    """The input stream as `(entry, template graph, (edges, shifts), relax_cell)` per structure to relax.
+
+    Skips indices in `done` (a resumed run) and reports bad structures through `fail`;
+    `count` is the number of structures read so far (all of them once exhausted).
+    """
+
+    def __init__(self, model, structures, task_name, done: dict, fail, radius: float, cell: bool):
+        self.model, self.task_name, self.done, self.fail = model, task_name, done, fail
+        self.radius, self.cell = radius, cell
+        self.count = 0
+        self._items = self._generate(_structures(structures))
+
+    def __iter__(self):
+        return self._items
+
+    def _generate(self, structures: Iterator):
+        cfg = self.model.config
+        for k, atoms in enumerate(structures):
+            self.count = k + 1
+            if k in self.done:
+                continue
+            task = None
+            try:
+                if not isinstance(atoms, ase.Atoms):
+                    raise ValueError(f"structure #{k} is a {type(atoms).__name__}, not an ase.Atoms.")
+                task = _task_of(cfg, atoms, self.task_name, k)
+                template = AtomicGraph.for_model(self.model, atoms, task)
+            except ValueError as e:
+                self.fail(k, atoms, task, _relabel(str(e), k))
+                continue
+            pbc = np.array(atoms.pbc, dtype=bool)
+            positions = np.asarray(atoms.positions, np.float64)
+            edges = _candidates(positions, np.asarray(template.cell[0], np.float64), pbc, self.radius)
+            entry = _Entry(index=k, atoms=atoms, task=task, natoms=len(atoms), pbc=pbc)
+            yield entry, template, edges, bool(self.cell and pbc.all())
+        task_name = self.task_name
+        if task_name is not None and not isinstance(task_name, str) and len(task_name) != self.count:
+            raise ValueError(f"task_name has {len(task_name)} entries for {self.count} structures.")
+
+
+__all__ = ["FIREParameters", "ResultLog", "relax_batch"]
