@@ -7,12 +7,26 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import ase
+import equinox as eqx
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from ._config import UMAConfig
 from ._graph import AtomicGraph, bucket_size, pad_graph
 from ._potential import UMA, energy_forces_stress
 from ._settings import DEFAULT_SETTINGS, ExecutionSettings
+from .parallel._data import (
+    Device,
+    batch_mesh,
+    data_parallel,
+    device_capacity,
+    empty_graph,
+    replicate,
+    shard_stack,
+    split_evenly,
+    to_host,
+)
 
 
 @dataclasses.dataclass
@@ -52,6 +66,18 @@ def _task_of(config: UMAConfig, atoms: ase.Atoms, task_name, k: int) -> str:
         raise ValueError(f"structure #{k}: {e}") from None
 
 
+@eqx.filter_jit
+def _energy_forces_stress_over(
+    model: UMA, graphs: AtomicGraph, mesh: Mesh, stress: bool, settings: ExecutionSettings
+) -> dict[str, jax.Array]:
+    """`energy_forces_stress` of each graph of a stack, the stack split over `mesh`."""
+
+    def one(m, g):
+        return energy_forces_stress(m, g, stress=stress, settings=settings)
+
+    return data_parallel(one, mesh)(model, graphs)
+
+
 def _relabel(message: str, k: int) -> str:
     """An error about a one-structure batch ("structure #0 ...") as one about structure `k`."""
     return re.sub(r"^[Ss]tructure #0\b", f"structure #{k}", message)
@@ -67,6 +93,7 @@ def predict(
     progress: bool = True,
     on_error: Literal["raise", "skip"] = "raise",
     settings: ExecutionSettings | None = None,
+    devices: "int | Sequence[Device] | None" = None,
 ) -> list[dict[str, np.ndarray | float | str]]:
     """Energy, forces and stress of many structures, batched and padded.
 
@@ -78,6 +105,12 @@ def predict(
     length compiles only when a batch is larger than every earlier one, a handful of times in
     all. Experts are mixed per system (no merging), so results equal the one-by-one
     calculator's up to round-off.
+
+    Data parallel: each batch is split into one padded graph per device (contiguous groups
+    of `ceil(batch_size / devices)` systems or fewer; a device left without systems gets a
+    graph of padding only), the graphs are stacked along a leading axis sharded over a 1-D
+    mesh of `devices`, and every device evaluates its own graph (`jax.shard_map`, see
+    [`uma_eqx.parallel.data_parallel`][]). Results equal one device's up to round-off.
 
     **Arguments:**
 
@@ -94,6 +127,11 @@ def predict(
         structure gets the row `{"error": message, "natoms": n, "task": task or None}` (no
         energy) in its place and the others run.
     - `settings`: how to execute (see [`uma_eqx.ExecutionSettings`][]).
+    - `devices`: devices to split each batch over: `None` (default) for all local devices,
+        a count, or a list of `jax.Device`s ([`uma_eqx.parallel.resolve_devices`][]). After
+        [`uma_eqx.parallel.initialize`][], `jax.devices()` spans every process: then every
+        process must call `predict` with the same structures, and each gets all results.
+        Use a `batch_size` that is a multiple of the device count to keep all busy.
 
     **Returns:**
 
@@ -114,6 +152,10 @@ def predict(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
     settings = DEFAULT_SETTINGS if settings is None else settings
+    mesh = batch_mesh(devices)
+    num_devices = mesh.size
+    systems_cap = device_capacity(batch_size, num_devices)
+    shared = replicate(model, mesh)  # copied to every device once, not once per batch
     cfg = model.config
     capacity = _Capacity()
     results: dict[int, dict] = {}
@@ -134,7 +176,7 @@ def predict(
         entries = list(batch)
         batch.clear()
         try:
-            graph = build(entries)
+            groups = [build(group) if group else None for group in split_evenly(entries, num_devices)]
         except ValueError:
             # find the bad structures one by one, name them by their place in the stream
             good = []
@@ -147,21 +189,32 @@ def predict(
                     good.append(entry)
             if not good:
                 return
-            entries, graph = good, build(good)
-        atoms_cap, edges_cap = capacity.fit(graph)
-        graph = pad_graph(graph, atoms_cap, edges_cap, batch_size + 1)
-        out = energy_forces_stress(model, graph, stress=stress, settings=settings)
+            entries = good
+            groups = [build(group) if group else None for group in split_evenly(entries, num_devices)]
+        atoms_cap = edges_cap = 0
+        for graph in groups:
+            if graph is not None:
+                atoms_cap, edges_cap = capacity.fit(graph)
+        like = next(graph for graph in groups if graph is not None)
+        padded = [
+            empty_graph(atoms_cap, edges_cap, systems_cap, model.dtype, like)
+            if graph is None
+            else pad_graph(graph, atoms_cap, edges_cap, systems_cap)
+            for graph in groups
+        ]
+        out = to_host(_energy_forces_stress_over(shared, shard_stack(padded, mesh), mesh, stress, settings))
         energy = np.asarray(out["energy"], dtype=np.float64)
         forces = np.asarray(out["forces"], dtype=np.float64)
         sigma = np.asarray(out["stress"], dtype=np.float64) if stress else None
-        start = 0
-        for s, (k, atoms, task) in enumerate(entries):
-            n = len(atoms)
-            row = {"energy": float(energy[s]), "forces": forces[start : start + n], "task": task, "natoms": n}
-            if sigma is not None:  # computed iff `stress`
-                row["stress"] = sigma[s]
-            results[k] = row
-            start += n
+        for d, group in enumerate(split_evenly(entries, num_devices)):
+            start = 0
+            for s, (k, atoms, task) in enumerate(group):
+                n = len(atoms)
+                row = {"energy": float(energy[d, s]), "forces": forces[d, start : start + n], "task": task, "natoms": n}
+                if sigma is not None:  # computed iff `stress`
+                    row["stress"] = sigma[d, s]
+                results[k] = row
+                start += n
         bar.update(len(entries))
 
     count = 0

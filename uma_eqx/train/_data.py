@@ -189,6 +189,31 @@ def make_batch(records: Sequence[Record], config: UMAConfig, padding: PaddingSpe
     return Batch(graph, energy, forces, stress, has_f, has_s)
 
 
+def empty_batch(padding: PaddingSpec, dtype, like: AtomicGraph | None = None) -> Batch:
+    """A batch of padding only (no systems, no labels), for a device without records in a step.
+
+    **Arguments:**
+
+    - `padding`: fixed capacities (see [`batch_capacity`][]).
+    - `dtype`: float dtype of the graph.
+    - `like`: a graph whose static fields the empty one copies (see
+        [`uma_eqx.parallel.empty_graph`][]).
+    """
+    from ..parallel._data import empty_graph
+
+    n_atoms, n_edges, n_systems = padding.num_atoms, padding.num_edges, padding.num_systems
+    if n_atoms is None or n_edges is None or n_systems is None:
+        raise ValueError(f"empty_batch needs fixed capacities (see batch_capacity), got {padding}")
+    return Batch(
+        empty_graph(n_atoms, n_edges, n_systems, dtype, like),
+        np.zeros(n_systems),
+        np.zeros((n_atoms, 3)),
+        np.zeros((n_systems, 3, 3)),
+        np.zeros(n_atoms, bool),
+        np.zeros(n_systems, bool),
+    )
+
+
 def pack_batches(
     records: Sequence[Record], padding: PaddingSpec, rng: np.random.Generator | None
 ) -> list[list[Record]]:

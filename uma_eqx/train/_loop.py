@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -14,12 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from .._config import UMAConfig
+from .._graph import PaddingSpec
 from .._io import load, save
 from .._potential import UMA
-from ._data import Batch, batch_capacity, check_records, make_batch, pack_batches, read_dataset
-from ._loss import LossWeights, loss_fn, predictions_and_errors
+from ..parallel._data import Device, batch_mesh, replicate, shard_stack
+from ._data import Batch, batch_capacity, check_records, empty_batch, make_batch, pack_batches, read_dataset
+from ._loss import LossWeights, errors_over, loss_over
 
 
 @dataclasses.dataclass
@@ -42,6 +46,10 @@ class TrainConfig:
     - `fit_references`: before training, least-squares fit the per-element reference energies
       of `task` to the training energies (recommended from scratch).
     - `seed`, `dtype` (`float32`/`float64`), `eval_every` (epochs), `progress`.
+    - `devices`: data parallel over this many local devices (`None`: all of them). Each step
+      takes one packed batch of about `ceil(batch_size / devices)` structures per device
+      (the `batch_size` structures of a step split over the devices); the gradient is that
+      of the whole step's loss, as on one device.
     """
 
     train: list[str]
@@ -66,6 +74,7 @@ class TrainConfig:
     dtype: str = "float32"
     eval_every: int = 1
     progress: bool = True
+    devices: int | None = None
 
     @classmethod
     def from_toml(cls, path: "str | os.PathLike") -> "TrainConfig":
@@ -85,6 +94,9 @@ class TrainConfig:
         for key in ("init", "out_dir", "task"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ValueError(f"{path}: {key} = {data[key]!r} must be a string")
+        devices = data.get("devices")
+        if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
+            raise ValueError(f"{path}: devices = {devices!r} must be a positive int (omit it for all local devices)")
         if data.get("model") is not None and not isinstance(data["model"], dict):
             raise ValueError(f"{path}: model = {data['model']!r} must be a table of UMAConfig fields")
         for key in ("init", "out_dir"):
@@ -155,14 +167,46 @@ def fit_element_references(model: UMA, records, task: str) -> UMA:
 
 
 def _to_device(batch: Batch) -> dict:
+    """A batch as the dict that `loss_fn` and `error_sums` take (host arrays; placed by `shard_stack`)."""
     return {
         "graph": batch.graph,
-        "energy": jnp.asarray(batch.energy),
-        "forces": jnp.asarray(batch.forces),
-        "stress": jnp.asarray(batch.stress),
-        "has_forces": jnp.asarray(batch.has_forces),
-        "has_stress": jnp.asarray(batch.has_stress),
+        "energy": batch.energy,
+        "forces": batch.forces,
+        "stress": batch.stress,
+        "has_forces": batch.has_forces,
+        "has_stress": batch.has_stress,
     }
+
+
+def stack_batches(chunks, config: UMAConfig, padding: PaddingSpec, dtype, mesh: Mesh) -> dict:
+    """One data-parallel step's batch: packed chunks of records, one per device, stacked and sharded.
+
+    **Arguments:**
+
+    - `chunks`: at most `mesh.size` lists of records (from [`pack_batches`][]); devices left
+        without records get a batch of padding only ([`empty_batch`][]).
+    - `config`, `padding`, `dtype`: as for [`make_batch`][] (`padding` is per device).
+    - `mesh`: a 1-D mesh ([`uma_eqx.parallel.batch_mesh`][]).
+
+    **Returns:**
+
+    The batch dicts stacked along a leading axis of size `mesh.size`, sharded over `mesh`.
+    """
+    chunks = list(chunks)
+    if len(chunks) > mesh.size:
+        raise ValueError(f"stack_batches got {len(chunks)} chunks for {mesh.size} devices; give at most one each.")
+    chunks += [[]] * (mesh.size - len(chunks))
+    made = {d: make_batch(chunk, config, padding, dtype) for d, chunk in enumerate(chunks) if chunk}
+    if not made:
+        raise ValueError("stack_batches got no records; give at least one non-empty chunk.")
+    like = next(iter(made.values())).graph
+    batches = [made[d] if d in made else empty_batch(padding, dtype, like) for d in range(mesh.size)]
+    return shard_stack([_to_device(b) for b in batches], mesh)
+
+
+def _steps(chunks: list, num_devices: int) -> list[list]:
+    """Packed chunks grouped `num_devices` at a time: one group per optimiser step."""
+    return [chunks[i : i + num_devices] for i in range(0, len(chunks), num_devices)]
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
@@ -177,9 +221,9 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
 
 @eqx.filter_jit(donate="all-except-first")
-def _train_step(static, params, opt_state, ema, batch, optimizer, weights, ema_decay):
+def _train_step(static, params, opt_state, ema, batch, optimizer, weights, ema_decay, mesh):
     def f(p):
-        return loss_fn(eqx.combine(p, static), batch, weights)
+        return loss_over(eqx.combine(p, static), batch, weights, mesh)
 
     (loss, errs), grads = eqx.filter_value_and_grad(f, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -189,18 +233,26 @@ def _train_step(static, params, opt_state, ema, batch, optimizer, weights, ema_d
 
 
 @eqx.filter_jit
-def _eval_step(model, batch):
-    return predictions_and_errors(model, batch)
+def _eval_step(model, batch, mesh):
+    return errors_over(model, batch, mesh)
 
 
-def evaluate(model: UMA, records, padding, dtype, batch_size: int) -> dict[str, float]:
-    """MAEs on `records`: energy (meV/atom), forces (meV/Å), stress (meV/Å³)."""
+def evaluate(
+    model: UMA, records, padding, dtype, batch_size: int, devices: "int | list[Device] | None" = None
+) -> dict[str, float]:
+    """MAEs on `records`: energy (meV/atom), forces (meV/Å), stress (meV/Å³).
+
+    Records are packed into batches of `padding`'s capacity, `devices` batches at a time
+    (`None`: all local devices; see [`uma_eqx.parallel.resolve_devices`][]).
+    """
     sums = {"e": 0.0, "f": 0.0, "s": 0.0, "n": 0, "nf": 0, "ns": 0}
     from ._data import count_edges
 
     count_edges(records, model.config)
-    for chunk in pack_batches(records, padding, None):
-        errs = _eval_step(model, _to_device(make_batch(chunk, model.config, padding, dtype)))
+    mesh = batch_mesh(devices)
+    model = replicate(model, mesh)
+    for group in _steps(pack_batches(records, padding, None), mesh.size):
+        errs = _eval_step(model, stack_batches(group, model.config, padding, dtype, mesh), mesh)
         sums["e"] += float(errs["energy_abs_sum"])
         sums["f"] += float(errs["forces_abs_sum"])
         sums["s"] += float(errs["stress_abs_sum"])
@@ -259,9 +311,11 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after_epochs: int | None =
     if cfg.fit_references:
         for task in sorted({r.task for r in train_set}):
             model = fit_element_references(model, train_set, task)
-    padding = batch_capacity(train_set + valid_set, model.config, cfg.batch_size)
+    mesh = batch_mesh(cfg.devices)
+    # one packed batch per device and step: each holds about batch_size / devices structures
+    padding = batch_capacity(train_set + valid_set, model.config, math.ceil(cfg.batch_size / mesh.size))
     # packed batches vary a little in count per epoch: the schedule uses the first epoch's count
-    steps_per_epoch = len(pack_batches(train_set, padding, np.random.default_rng(cfg.seed)))
+    steps_per_epoch = len(_steps(pack_batches(train_set, padding, np.random.default_rng(cfg.seed)), mesh.size))
     optimizer = make_optimizer(cfg, cfg.epochs * steps_per_epoch)
     params, static = eqx.partition(model, trainable_filter(model, cfg.freeze))
     opt_state = optimizer.init(params)
@@ -282,12 +336,13 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after_epochs: int | None =
 
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=not cfg.progress, desc="train", unit="step")
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
+    params, opt_state, ema = replicate((params, opt_state, ema), mesh)  # on every device, once
     for epoch in range(start_epoch, last_epoch):
         t0, losses = time.time(), []
-        for chunk in pack_batches(train_set, padding, rng):
-            batch = _to_device(make_batch(chunk, model.config, padding, dtype))
+        for group in _steps(pack_batches(train_set, padding, rng), mesh.size):
+            batch = stack_batches(group, model.config, padding, dtype, mesh)
             params, opt_state, ema, loss, _ = _train_step(
-                static, params, opt_state, ema, batch, optimizer, weights, cfg.ema_decay
+                static, params, opt_state, ema, batch, optimizer, weights, cfg.ema_decay, mesh
             )
             losses.append(float(loss))
             step += 1
@@ -301,7 +356,8 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after_epochs: int | None =
             "epoch_seconds": time.time() - t0,
         }
         if valid_set and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            row.update({f"val_{k}": v for k, v in evaluate(current, valid_set, padding, dtype, cfg.batch_size).items()})
+            metrics = evaluate(current, valid_set, padding, dtype, cfg.batch_size, cfg.devices)
+            row.update({f"val_{k}": v for k, v in metrics.items()})
         history.append(row)
         save(out / "checkpoint.eqx", eqx.combine(params, static))
         _save_state(state_path, step, epoch + 1, params, opt_state, ema, rng.bit_generator.state)
