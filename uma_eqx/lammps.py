@@ -37,6 +37,10 @@ MPI_SONAME = "libmpi.so.12"
 LAMMPS_UNITS = "metal"
 #: `LMP_ERROR_ONE` of LAMMPS' `library.h` (an error on one rank).
 LMP_ERROR_ONE = 1
+#: Ghost cutoff (Å) set by `attach`: LAMMPS' default neighbour skin in metal units. The fix
+#: builds its own graph from the local atoms and needs no ghosts; with no pair style LAMMPS'
+#: cutoff would be 0, and it warns ("No ghost atoms will be generated").
+GHOST_CUTOFF = 2.0
 #: Default fix ID of the driver.
 DEFAULT_FIX_ID = "uma"
 #: `pair_style uma` / `pair_coeff * * El1 El2 ...` lines of a LAMMPS input (`#` comments allowed).
@@ -258,9 +262,10 @@ def attach(
 ) -> UMAFix:
     """Make a UMA model the force field of a `lammps` object (box and atoms already defined).
 
-    Issues `fix <fix_id> all external pf/callback 1 1` and
-    `fix_modify <fix_id> energy yes virial yes` (so that the model's energy and virial enter
-    `pe`, `press` and the minimiser's objective), and registers the callback. Do not define a
+    Issues `comm_modify cutoff 2.0` (see `GHOST_CUTOFF`), `atom_modify sort 0 0.0`, `fix <fix_id> all external
+    pf/callback 1 1` and `fix_modify <fix_id> energy yes virial yes` (so that the model's
+    energy and virial enter `pe`, `press` and the minimiser's objective), and registers the
+    callback. Do not define a
     `pair_style` as well (it would add its forces).
 
     **Arguments:**
@@ -310,6 +315,10 @@ def attach(
     spin = (_DEFAULT_SPIN_OMOL if task_name == _OMOL_TASK else _DEFAULT_SPIN) if spin is None else spin
     settings = DEFAULT_SETTINGS if settings is None else settings
     fix = UMAFix(lmp, model, numbers, task_name, charge, spin, fix_id, settings)
+    # without a pair style LAMMPS has no communication cutoff and warns that energies may be
+    # wrong; the fix needs no ghost atoms, but a small cutoff keeps the warning for real cases
+    lmp.command(f"comm_modify cutoff {GHOST_CUTOFF}")
+    lmp.command("atom_modify sort 0 0.0")  # LAMMPS sorts by its pair cutoff; there is none (it would warn)
     lmp.command(f"fix {fix_id} all external pf/callback 1 1")
     lmp.command(f"fix_modify {fix_id} energy yes virial yes")
     lmp.set_fix_external_callback(fix_id, fix, None)
