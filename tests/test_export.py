@@ -2,9 +2,9 @@
 
 One structure throughout: a Cu/Ag wire periodic along z, so that LAMMPS-style ghost atoms
 (periodic images) are few. Test 1 feeds the artifact the model's own periodic graph (edge
-shifts, padding) in a process where `import uma_eqx` fails; test 2 feeds a half neighbour
-list over local atoms and ghost images (zero shifts), as a LAMMPS pair style would, and adds
-the ghosts' forces to their owners (reverse communication).
+shifts, padding) in a process where `import uma_eqx` fails; test 2 feeds a fixed-size
+artifact a padded half neighbour list over local atoms and ghost images (zero shifts), as a
+LAMMPS pair style would, and adds the ghosts' forces to their owners (reverse communication).
 """
 
 import json
@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import bulk
 from ase.neighborlist import neighbor_list
 from conftest import TOLERANCES, rel_err
@@ -49,22 +50,27 @@ np.savez(sys.argv[3], bad_energy=np.asarray(bad[0]), **{k: np.asarray(v) for k, 
 
 #: Both artifacts are written in a child process: the test process checks shapes with
 #: jaxtyping + beartype, whose `int` return checks of `AtomicGraph.num_atoms` refuse the
-#: symbolic sizes that `jax.export` traces with (plain runs have no such checks).
+#: symbolic sizes that `jax.export` traces with (plain runs have no such checks). The first
+#: has symbolic sizes and a full list (through the CLI), the second fixed sizes and a half list.
 EXPORT_BOTH = """
 import sys
 import uma_eqx
 from uma_eqx.cli import main
 main(["--no-compile-cache", "export", "default", sys.argv[1], "--task", "omat"], standalone_mode=False)
-uma_eqx.export(uma_eqx.default_model(), sys.argv[2], platforms=("cpu",), neighbor_list="half")
+uma_eqx.export(uma_eqx.default_model(), sys.argv[2], platforms=("cpu",), neighbor_list="half",
+               num_atoms=int(sys.argv[3]), num_edges=int(sys.argv[4]))
 """
+#: Padding of the fixed-size artifact beyond the ghost test's atoms and half-list edges.
+PAD_ATOMS, PAD_EDGES = 5, 17
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(tmp_path_factory, ghosts):
     folder = tmp_path_factory.mktemp("export")
     full, half = folder / "model.jaxexport", folder / "half.jaxexport"
+    sizes = [str(len(ghosts["numbers"]) + PAD_ATOMS), str(ghosts["edges"].shape[1] + PAD_EDGES)]
     run = subprocess.run(
-        [sys.executable, "-c", EXPORT_BOTH, str(full), str(half)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", EXPORT_BOTH, str(full), str(half), *sizes], capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "wrote " + str(full) in run.stdout  # the CLI's report
@@ -142,27 +148,43 @@ def test_artifact_runs_without_uma_eqx(model, wire, reference, artifacts, tmp_pa
     assert np.isnan(outputs["bad_energy"])  # charge outside fairchem's range: NaN, not a silent clamp
 
 
-def test_lammps_style_half_list_with_ghosts(model, wire, reference, artifacts):
-    artifact = artifacts[1]
-    meta = json.loads(artifact.with_name(artifact.name + ".json").read_text())
-    assert meta["neighbor_list"] == "half" and meta["receptive_field"] == 3 * model.config.cutoff
-
-    # local atoms, then ghost images along z within the receptive field, positions as images
+@pytest.fixture(scope="module")
+def ghosts(model, wire):
+    """LAMMPS-style inputs: the wire's atoms, then ghost images along z within the receptive
+    field (at image positions), and a half list over all of them with zero shifts."""
     n, period = len(wire), wire.cell[2, 2]
-    images = int(np.ceil(meta["receptive_field"] / period))
+    field = (model.config.num_layers + 1) * model.config.cutoff
+    images = int(np.ceil(field / period))
     offsets = [k for k in range(-images, images + 1) if k != 0]
     positions = np.vstack([wire.positions] + [wire.positions + [0, 0, k * period] for k in offsets])
     owner = np.tile(np.arange(n), 1 + len(offsets))
-    numbers = wire.numbers[owner]
-    cluster = wire.copy()
-    cluster = cluster.__class__(numbers=numbers, positions=positions, pbc=False)
+    cluster = Atoms(numbers=wire.numbers[owner], positions=positions, pbc=False)
     i, j = neighbor_list("ij", cluster, model.config.cutoff)
     half = i < j  # each pair once
+    return {
+        "numbers": cluster.numbers,
+        "positions": positions,
+        "owner": owner,
+        "edges": np.stack([j[half], i[half]]),  # source, target
+        "field": field,
+    }
+
+
+def test_lammps_style_half_list_with_ghosts(model, wire, reference, ghosts, artifacts):
+    artifact = artifacts[1]
+    meta = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+    assert meta["neighbor_list"] == "half" and meta["receptive_field"] == ghosts["field"]
+    assert meta["inputs"][0]["shape"] == [str(len(ghosts["numbers"]) + PAD_ATOMS)]  # fixed sizes
+
+    # padded to the artifact's sizes: padding atoms have atomic number 0, padding edges index -1
+    n, m = len(wire), len(ghosts["numbers"])
+    edges = np.hstack([ghosts["edges"], np.full((2, PAD_EDGES), -1)])
+    edges[:, -1] = [m, m + 1]  # a padding edge may also join padding atoms
     inputs = (
-        numbers.astype(np.int32),
-        positions.astype(np.float32),
-        np.stack([j[half], i[half]]).astype(np.int32),  # source, target
-        np.zeros((int(half.sum()), 3), np.float32),
+        np.append(ghosts["numbers"], np.zeros(PAD_ATOMS)).astype(np.int32),
+        np.vstack([ghosts["positions"], np.ones((PAD_ATOMS, 3))]).astype(np.float32),
+        edges.astype(np.int32),
+        np.zeros((edges.shape[1], 3), np.float32),
         np.int32(n),
         np.int32(0),
         np.int32(0),
@@ -170,9 +192,10 @@ def test_lammps_style_half_list_with_ghosts(model, wire, reference, artifacts):
     exported = jax.export.deserialize(artifact.read_bytes())
     energy, forces, virial, atom_energies, atom_virials = (np.asarray(x) for x in exported.call(*inputs))
     assert np.all(atom_energies[n:] == 0)  # ghosts' energies belong to their owners
-    assert np.max(np.abs(forces[n:])) > 1e-3  # ghosts do get forces...
+    assert np.all(forces[m:] == 0)  # padding atoms
+    assert np.max(np.abs(forces[n:m])) > 1e-3  # ghosts do get forces...
     total = np.zeros((n, 3))
-    np.add.at(total, owner, forces)  # ...which reverse communication adds to their owners
+    np.add.at(total, ghosts["owner"], forces[:m])  # ...which reverse communication adds to their owners
     outputs = {
         "energy": energy,
         "forces": total,

