@@ -391,7 +391,8 @@ def run_input(
 ):
     """Run a LAMMPS input whose force field is `pair_style uma` + `pair_coeff * * El1 El2 ...`.
 
-    The lines before `pair_coeff` run as written (minus `pair_style uma`), then
+    The two lines must be in the file itself (not in an `include`d one). The lines before
+    `pair_coeff` run as written (minus `pair_style uma`), then
     [`attach`][uma_eqx.lammps.attach] installs the model with the named elements, then the
     rest of the input runs. Relative paths in the input are taken from the current directory,
     as for `lmp -in`.
