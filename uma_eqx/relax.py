@@ -85,44 +85,44 @@ class _Slot(eqx.Module):
     from `orig_cell` (`cell = orig_cell Fᵀ`). Without cell relaxation `F = 1` and `x = r`.
     """
 
-    x: Float[Array, "atoms 3"]
-    log_cell: Float[Array, "3 3"]
-    v: Float[Array, "atoms 3"]
-    v_cell: Float[Array, "3 3"]
-    dt: Float[Array, ""]
-    a: Float[Array, ""]
-    n_pos: Int[Array, ""]  # ASE's `Nsteps`: steps since the last reset
-    steps: Int[Array, ""]  # ASE's `nsteps`: optimizer steps taken
-    started: Bool[Array, ""]  # ASE's `vel is not None`
-    e_last: Float[Array, ""]
-    x_last: Float[Array, "atoms 3"]
-    log_cell_last: Float[Array, "3 3"]
-    orig_cell: Float[Array, "3 3"]
-    exp_cell_factor: Float[Array, ""]
-    relax_cell: Bool[Array, ""]
-    active: Bool[Array, ""]
-    ref_positions: Float[Array, "atoms 3"]  # Cartesian positions at the last neighbour build
-    ref_cell: Float[Array, "3 3"]
-    image_range: Float[Array, "3"]  # largest |S_a| of a candidate within cutoff + skin
+    x: Float[Array, "*batch atoms 3"]
+    log_cell: Float[Array, "*batch 3 3"]
+    v: Float[Array, "*batch atoms 3"]
+    v_cell: Float[Array, "*batch 3 3"]
+    dt: Float[Array, "*batch"]
+    a: Float[Array, "*batch"]
+    n_pos: Int[Array, "*batch"]  # ASE's `Nsteps`: steps since the last reset
+    steps: Int[Array, "*batch"]  # ASE's `nsteps`: optimizer steps taken
+    started: Bool[Array, "*batch"]  # ASE's `vel is not None`
+    e_last: Float[Array, "*batch"]
+    x_last: Float[Array, "*batch atoms 3"]
+    log_cell_last: Float[Array, "*batch 3 3"]
+    orig_cell: Float[Array, "*batch 3 3"]
+    exp_cell_factor: Float[Array, "*batch"]
+    relax_cell: Bool[Array, "*batch"]
+    active: Bool[Array, "*batch"]
+    ref_positions: Float[Array, "*batch atoms 3"]  # Cartesian positions at the last neighbour build
+    ref_cell: Float[Array, "*batch 3 3"]
+    image_range: Float[Array, "*batch 3"]  # largest |S_a| of a candidate within cutoff + skin
 
 
 class _Report(eqx.Module):
     """What one step reports per slot (evaluated at the slot's positions before the step)."""
 
-    energy: Float[Array, ""]
-    forces: Float[Array, "atoms 3"]
-    stress: Float[Array, "3 3"]
-    positions: Float[Array, "atoms 3"]
-    cell: Float[Array, "3 3"]
-    fmax: Float[Array, ""]
-    converged: Bool[Array, ""]
-    finished: Bool[Array, ""]
-    finite: Bool[Array, ""]
-    over_cap: Bool[Array, ""]
-    stale: Bool[Array, ""]
-    steps: Int[Array, ""]
-    next_positions: Float[Array, "atoms 3"]
-    next_cell: Float[Array, "3 3"]
+    energy: Float[Array, "*batch"]
+    forces: Float[Array, "*batch atoms 3"]
+    stress: Float[Array, "*batch 3 3"]
+    positions: Float[Array, "*batch atoms 3"]
+    cell: Float[Array, "*batch 3 3"]
+    fmax: Float[Array, "*batch"]
+    converged: Bool[Array, "*batch"]
+    finished: Bool[Array, "*batch"]
+    finite: Bool[Array, "*batch"]
+    over_cap: Bool[Array, "*batch"]
+    stale: Bool[Array, "*batch"]
+    steps: Int[Array, "*batch"]
+    next_positions: Float[Array, "*batch atoms 3"]
+    next_cell: Float[Array, "*batch 3 3"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,16 +175,23 @@ def _deformation(slot: _Slot) -> Float[Array, "3 3"]:
     return jnp.where(slot.relax_cell, expm(slot.log_cell / slot.exp_cell_factor), eye)
 
 
-def _slot_step(
-    shared: tuple[UMA, _Knobs], item: tuple[AtomicGraph, _Slot], config: _StepConfig
-) -> tuple[_Slot, _Report]:
-    """Evaluate one slot, test convergence, and take one FIRE step (ASE's `irun` loop body)."""
-    (model, fire), (graph, st) = shared, item
-    dtype = st.x.dtype
-    deform = _deformation(st)
-    positions = jnp.where(graph.atom_mask[:, None], st.x @ deform.T, 0.0)
-    cell = st.orig_cell @ deform.T
-    # the model's graph: the candidates inside the cutoff (fairchem's inclusive test, no zero-length edge)
+def _evaluate(
+    model: UMA,
+    graph: AtomicGraph,
+    positions: Float[Array, "atoms 3"],
+    cell: Float[Array, "3 3"],
+    config: "_StepConfig",
+) -> tuple[dict[str, Array], Bool[Array, ""]]:
+    """Energy, forces and stress of one slot's structure at `positions` and `cell`.
+
+    The model sees the slot's candidate pairs that lie inside the cutoff now (fairchem's
+    inclusive test, no zero-length edge), so between rebuilds its graph is the host graph.
+
+    **Returns:**
+
+    `(energy_forces_stress output, over_cap)`: `over_cap` is True when an atom has more than
+    `max_neighbors` neighbours (where fairchem would cap them; the slot is then refused).
+    """
     source, target = graph.edge_index[0], graph.edge_index[1]
     vectors = positions[source] - positions[target] + graph.edge_shift @ cell
     d2 = jnp.sum(vectors * vectors, axis=-1)
@@ -197,7 +204,19 @@ def _slot_step(
     g = eqx.tree_at(
         lambda g: (g.positions, g.cell, g.edge_mask), graph, (positions, graph.cell.at[0].set(cell), edge_mask)
     )
-    out = energy_forces_stress(model, g, settings=config.settings)
+    return energy_forces_stress(model, g, settings=config.settings), over_cap
+
+
+def _slot_step(
+    shared: tuple[UMA, _Knobs], item: tuple[AtomicGraph, _Slot], config: _StepConfig
+) -> tuple[_Slot, _Report]:
+    """Evaluate one slot, test convergence, and take one FIRE step (ASE's `irun` loop body)."""
+    (model, fire), (graph, st) = shared, item
+    dtype = st.x.dtype
+    deform = _deformation(st)
+    positions = jnp.where(graph.atom_mask[:, None], st.x @ deform.T, 0.0)
+    cell = st.orig_cell @ deform.T
+    out, over_cap = _evaluate(model, graph, positions, cell, config)
     energy, forces, sigma = out["energy"][0], out["forces"], out["stress"][0]
     finite = jnp.isfinite(energy) & jnp.all(jnp.isfinite(forces)) & jnp.all(jnp.isfinite(sigma))
 

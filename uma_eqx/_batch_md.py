@@ -1,0 +1,293 @@
+"""`run_md_batch`: molecular dynamics of many independent systems in one compiled step.
+
+Each system occupies one slot of a stack of padded graphs (as in [`uma_eqx.relax_batch`][]);
+all slots advance together (`jax.vmap`, split over devices), with each slot's neighbour
+candidates rebuilt on the host when its atoms have moved too far for the Verlet skin.
+"""
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import ase
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import units
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Float, UInt
+
+from ._graph import AtomicGraph
+from ._potential import UMA
+from ._predict import _structures, _task_of
+from ._settings import DEFAULT_SETTINGS, ExecutionSettings
+from .neighbors._jax import DEFAULT_SKIN
+from .parallel._data import BATCH_AXIS, batch_mesh, data_parallel, to_host
+from .relax import FIREParameters, _Batch, _candidates, _Entry, _evaluate, _place, _StepConfig
+from .simulate import MDResult, _Recorder
+
+#: Default Langevin friction in 1/fs: the value of ASE's `Langevin` documentation example
+#: (`ase/md/langevin.py`, "friction=0.01 / fs" ~ 0.01 fs⁻¹, typical for atomistic systems).
+DEFAULT_FRICTION_PER_FS = 0.01
+BATCH_ENSEMBLES = ("nve", "nvt")
+
+
+class _MDState(eqx.Module):
+    """One slot's dynamical state (ASE's `atoms` positions and momenta, and the last forces)."""
+
+    positions: Float[Array, "*batch atoms 3"]
+    momenta: Float[Array, "*batch atoms 3"]
+    forces: Float[Array, "*batch atoms 3"]
+    masses: Float[Array, "*batch atoms"]
+    energy: Float[Array, "*batch"]
+    key: UInt[Array, "*batch 2"]
+    ref_positions: Float[Array, "*batch atoms 3"]
+    image_range: Float[Array, "*batch 3"]
+    cell: Float[Array, "*batch 3 3"]
+
+
+class _Integrator(eqx.Module):
+    """ASE's `Langevin` coefficients (`updatevars`, per atom through `masses`) and the timestep.
+
+    `langevin = False` is velocity Verlet (ASE's `VelocityVerlet`); `dt = 0` evaluates the
+    forces at the start without moving.
+    """
+
+    dt: Float[Array, ""]
+    kT: Float[Array, ""]
+    friction: Float[Array, ""]
+    langevin: Bool[Array, ""]
+
+
+def _md_step(shared: tuple[UMA, _Integrator], item: tuple[AtomicGraph, _MDState], config: _StepConfig):
+    (model, integ), (graph, st) = shared, item
+    real = graph.atom_mask[:, None]
+    m = st.masses[:, None]
+    n = jnp.sum(graph.atom_mask)
+    dt, fr = integ.dt, integ.friction
+    # ASE Langevin.updatevars
+    sigma = jnp.sqrt(2.0 * integ.kT * fr / m)
+    c1 = dt / 2.0 - jnp.where(integ.langevin, dt * dt * fr / 8.0, 0.0)
+    c2 = jnp.where(integ.langevin, dt * fr / 2.0 - dt * dt * fr * fr / 8.0, 0.0)
+    c3 = jnp.where(integ.langevin, jnp.sqrt(dt) * sigma / 2.0 - dt**1.5 * fr * sigma / 8.0, 0.0)
+    c5 = jnp.where(integ.langevin, dt**1.5 * sigma / (2.0 * math.sqrt(3.0)), 0.0)
+    c4 = fr / 2.0 * c5
+    key, k_xi, k_eta = jax.random.split(st.key, 3)
+    xi = jnp.where(real, jax.random.normal(k_xi, st.positions.shape, st.positions.dtype), 0.0)
+    eta = jnp.where(real, jax.random.normal(k_eta, st.positions.shape, st.positions.dtype), 0.0)
+    rnd_pos = c5 * eta
+    rnd_vel = c3 * xi - c4 * eta
+    # ASE's fixcm=True: no random push of the centre of mass
+    factor = jnp.sqrt(n / jnp.maximum(n - 1.0, 1.0))
+    rnd_pos = jnp.where(real, rnd_pos - jnp.sum(rnd_pos, axis=0) / n, 0.0) * factor
+    rnd_vel = jnp.where(real, rnd_vel - jnp.sum(rnd_vel * m, axis=0) / (m * n), 0.0) * factor
+    v = st.momenta / m
+    v = v + c1 * st.forces / m - c2 * v + rnd_vel
+    x = st.positions
+    x_new = jnp.where(real, x + dt * v + rnd_pos, 0.0)
+    safe_dt = jnp.where(dt > 0, dt, 1.0)
+    v = jnp.where(integ.langevin, (x_new - x - rnd_pos) / safe_dt, v)
+    out, over_cap = _evaluate(model, graph, x_new, st.cell, config)
+    forces = out["forces"]
+    v = v + c1 * forces / m - c2 * v + rnd_vel
+    momenta = jnp.where(real, v * m, 0.0)
+    new = dataclasses.replace(st, positions=x_new, momenta=momenta, forces=forces, energy=out["energy"][0], key=key)
+    moved = jnp.max(jnp.where(graph.atom_mask, jnp.linalg.norm(x_new - st.ref_positions, axis=-1), 0.0))
+    stale = 2.0 * moved > config.skin
+    ekin = jnp.sum(jnp.where(real, momenta**2 / (2.0 * m), 0.0))
+    finite = jnp.isfinite(out["energy"][0]) & jnp.all(jnp.isfinite(forces))
+    return new, (stale, over_cap, finite, ekin)
+
+
+@eqx.filter_jit
+def _step(model: UMA, integ: _Integrator, graphs: AtomicGraph, states: _MDState, config: _StepConfig, mesh: Mesh):
+    def one(shared, item):
+        return _md_step(shared, item, config)
+
+    return data_parallel(one, mesh)((model, integ), (graphs, states))
+
+
+def run_md_batch(
+    model: UMA,
+    structures: "str | os.PathLike | ase.Atoms | Iterable[ase.Atoms]",
+    task_name: str | Sequence[str | None] | None = None,
+    *,
+    ensemble: Literal["nve", "nvt"] = "nve",
+    temperature_K: float = 300.0,
+    timestep_fs: float = 1.0,
+    steps: int = 1000,
+    interval: int = 10,
+    friction_per_fs: float = DEFAULT_FRICTION_PER_FS,
+    seed: int = 0,
+    batch_size: int = 32,
+    settings: ExecutionSettings | None = None,
+    devices: int | Sequence[Any] | None = None,
+    skin: float = DEFAULT_SKIN,
+    callback: Callable[[int, int, dict], None] | None = None,
+) -> list[MDResult]:
+    """Molecular dynamics of many independent systems (replicas or different structures) at once.
+
+    Structure `k` starts from Maxwell–Boltzmann momenta at `temperature_K` drawn with
+    `numpy.random.default_rng(seed + k)` (zero total momentum), exactly as
+    [`uma_eqx.simulate.run_md`][] with `seed=seed + k` does, so a batched run and one-by-one
+    runs start alike. Integrators: `nve`, ASE's `VelocityVerlet`; `nvt`, ASE's `Langevin`
+    (its update and coefficients, `fixcm=True`) with `friction_per_fs`, noise drawn with
+    `jax.random` (key `seed + k`). Up to `batch_size` systems run in one compiled step; more
+    run in successive batches.
+
+    **Arguments:**
+
+    - `model`, `structures`, `task_name`: as for [`uma_eqx.relax_batch`][].
+    - `ensemble`: `nve` or `nvt` (Langevin).
+    - `temperature_K`, `timestep_fs`, `steps`: the run.
+    - `interval`: record a frame and a log row every `interval` steps (and the last step).
+    - `friction_per_fs`: Langevin friction in 1/fs.
+    - `seed`: base seed of momenta and noise.
+    - `batch_size`, `settings`, `devices`, `skin`: as for [`uma_eqx.relax_batch`][].
+    - `callback`: `callback(k, step, last_log_row)` after each recorded step of structure `k`.
+
+    **Returns:**
+
+    One [`uma_eqx.simulate.MDResult`][] per structure, in input order.
+
+    **Raises:**
+
+    `ValueError` naming the structure for anything [`uma_eqx.AtomicGraph.for_model`][]
+    refuses, and for bad run parameters; `FloatingPointError` if an energy becomes non-finite.
+    """
+    if ensemble not in BATCH_ENSEMBLES:
+        raise ValueError(f"unknown ensemble {ensemble!r} for a batched run: use one of {', '.join(BATCH_ENSEMBLES)}")
+    for name, value in (("timestep_fs", timestep_fs), ("temperature_K", temperature_K)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if timestep_fs == 0 or steps < 1 or interval < 1:
+        raise ValueError(f"need timestep_fs > 0, steps >= 1 and interval >= 1 (got {timestep_fs}, {steps}, {interval})")
+    if not (math.isfinite(friction_per_fs) and friction_per_fs >= 0):
+        raise ValueError(f"friction_per_fs must be a finite number >= 0, got {friction_per_fs}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    settings = DEFAULT_SETTINGS if settings is None else settings
+    cfg = model.config
+    mesh = batch_mesh(devices)
+    num_slots = -(-batch_size // mesh.size) * mesh.size
+    config = _StepConfig(False, float(cfg.cutoff), float(skin), cfg.max_neighbors, settings)
+    dtype = np.dtype(model.dtype)
+    integ = _Integrator(
+        dt=jnp.asarray(timestep_fs * units.fs, dtype),
+        kT=jnp.asarray(temperature_K * units.kB, dtype),
+        friction=jnp.asarray(friction_per_fs / units.fs, dtype),
+        langevin=jnp.asarray(ensemble == "nvt"),
+    )
+    prepared = []
+    for k, atoms in enumerate(_structures(structures)):
+        if not isinstance(atoms, ase.Atoms):
+            raise ValueError(f"structure #{k} is a {type(atoms).__name__}, not an ase.Atoms.")
+        task = _task_of(cfg, atoms, task_name, k)
+        try:
+            template = AtomicGraph.for_model(model, atoms, task)
+        except ValueError as e:
+            raise ValueError(str(e).replace("tructure #0", f"tructure #{k}", 1)) from None
+        prepared.append((k, atoms, task, template))
+    results: list[MDResult] = []
+    for start in range(0, len(prepared), num_slots):
+        results += _run_batch(model, prepared[start : start + num_slots], num_slots, mesh, config, integ, dtype,
+                              temperature_K, timestep_fs, steps, interval, seed, skin, callback)  # fmt: skip
+    return results
+
+
+def _run_batch(model, chunk, num_slots, mesh, config, integ, dtype, temperature_K, timestep_fs, steps, interval,
+               seed, skin, callback) -> list[MDResult]:  # fmt: skip
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta
+
+    radius = config.cutoff + skin
+    index_dtype = np.dtype(jnp.zeros((), int).dtype)
+    batch = _Batch(num_slots, 1, 1, dtype, index_dtype, FIREParameters())
+    edges_of, recorders, starts = [], [], []
+    for _, atoms, _, template in chunk:
+        pbc = np.array(atoms.pbc, dtype=bool)
+        edges = _candidates(np.asarray(atoms.positions, np.float64), np.asarray(template.cell[0]), pbc, radius)
+        batch.fit(len(atoms), edges[0].shape[1])
+        edges_of.append(edges)
+    a_cap = batch.atoms_cap
+    positions = np.zeros((num_slots, a_cap, 3), dtype)
+    momenta = np.zeros((num_slots, a_cap, 3), dtype)
+    masses = np.ones((num_slots, a_cap), dtype)
+    keys = np.zeros((num_slots, 2), np.uint32)
+    for s, ((k, atoms, task, template), edges) in enumerate(zip(chunk, edges_of)):
+        entry = _Entry(index=k, atoms=atoms, task=task, natoms=len(atoms), pbc=np.array(atoms.pbc, dtype=bool))
+        batch.admit(s, entry, template, False, None, (edges[0], edges[1], radius))
+        start = atoms.copy()
+        thermalize_momenta(start, temperature_K=temperature_K, rng=np.random.default_rng(seed + k))
+        Stationary(start)
+        n = len(atoms)
+        positions[s, :n] = atoms.positions
+        momenta[s, :n] = start.get_momenta()
+        masses[s, :n] = atoms.get_masses()
+        keys[s] = np.asarray(jax.random.key_data(jax.random.key(seed + k)), np.uint32)
+        recorders.append(_Recorder(start, timestep_fs, None, warmup_records=1))
+        starts.append(start)
+    for s in range(len(chunk), num_slots):
+        batch.vacate(s)
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    st = batch.state
+    host_state = {
+        "positions": positions,
+        "momenta": momenta,
+        "forces": np.zeros_like(positions),
+        "masses": masses,
+        "energy": np.zeros(num_slots, dtype),
+        "key": keys,
+        "ref_positions": st["ref_positions"].copy(),
+        "image_range": st["image_range"].copy(),
+        "cell": st["orig_cell"].copy(),
+    }
+    graphs = AtomicGraph(**_place(batch.graph, sharding))
+    state = _MDState(**_place(host_state, sharding))
+    # forces at the start: the same program with dt = 0 and no thermostat
+    start_integ = dataclasses.replace(integ, dt=jnp.zeros_like(integ.dt), langevin=jnp.asarray(False))
+    state, _ = _step(model, start_integ, graphs, state, config, mesh)
+
+    def record(step: int) -> None:
+        host = to_host(state)
+        for s, (k, atoms, _, _) in enumerate(chunk):
+            n = len(atoms)
+            energy = float(host.energy[s])
+            if not math.isfinite(energy):
+                raise FloatingPointError(f"structure #{k}: energy became NaN/inf by step {step}; reduce the timestep")
+            ekin = float(np.sum(host.momenta[s, :n] ** 2 / (2.0 * host.masses[s, :n, None])))
+            recorders[s](step, host.positions[s, :n], host.momenta[s, :n], host.cell[s], energy, ekin)
+            if callback is not None:
+                callback(k, step, recorders[s].log[-1])
+
+    record(0)
+    for step in range(1, steps + 1):
+        state, (stale, over_cap, finite, _) = _step(model, integ, graphs, state, config, mesh)
+        stale, over_cap, finite = (np.asarray(x) for x in to_host((stale, over_cap, finite)))
+        bad = np.flatnonzero((over_cap | ~finite)[: len(chunk)])
+        if bad.size:
+            k = chunk[int(bad[0])][0]
+            why = "an energy or force became NaN/inf" if not finite[bad[0]] else "an atom exceeded max_neighbors"
+            raise FloatingPointError(f"structure #{k}: {why} at step {step}; reduce the timestep")
+        if stale[: len(chunk)].any():
+            host = to_host(state)
+            ref = np.array(host.ref_positions)
+            for s in np.flatnonzero(stale[: len(chunk)]).tolist():
+                k, atoms, _, _ = chunk[s]
+                n = len(atoms)
+                pos = np.asarray(host.positions[s, :n], np.float64)
+                cell = np.asarray(host.cell[s], np.float64)
+                edges, shifts = _candidates(pos, cell, np.array(atoms.pbc, dtype=bool), radius)
+                batch.fit(n, edges.shape[1])  # may add edge slots (one new compilation), never atoms
+                batch.set_edges(s, edges, shifts, pos, cell, np.array(atoms.pbc, dtype=bool), radius)
+                ref[s] = batch.state["ref_positions"][s]
+            graphs = AtomicGraph(**_place(batch.graph, sharding))
+            state = dataclasses.replace(state, ref_positions=jax.device_put(ref, sharding))
+        if step % interval == 0 or step == steps:
+            record(step)
+    return [r.result() for r in recorders]
+
+
+__all__ = ["run_md_batch"]
