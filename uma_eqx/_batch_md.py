@@ -191,6 +191,8 @@ def run_md_batch(
         except ValueError as e:
             raise ValueError(str(e).replace("tructure #0", f"tructure #{k}", 1)) from None
         prepared.append((k, atoms, task, template))
+    # no more slots than systems (rounded up to a multiple of the device count)
+    num_slots = min(num_slots, -(-max(len(prepared), 1) // mesh.size) * mesh.size)
     results: list[MDResult] = []
     for start in range(0, len(prepared), num_slots):
         results += _run_batch(model, prepared[start : start + num_slots], num_slots, mesh, config, integ, dtype,

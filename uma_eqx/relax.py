@@ -791,6 +791,8 @@ def relax_batch(
     settings = DEFAULT_SETTINGS if settings is None else settings
     cfg = model.config
     mesh = batch_mesh(devices)
+    if isinstance(structures, Sequence) and not isinstance(structures, str):
+        batch_size = min(batch_size, max(len(structures), 1))  # no more slots than structures
     num_slots = -(-batch_size // mesh.size) * mesh.size
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     radius = cfg.cutoff + skin
