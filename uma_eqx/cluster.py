@@ -53,7 +53,7 @@ WORK = {"relax": relax_work, "predict": predict_work}
 
 @dataclasses.dataclass(frozen=True)
 class ShardReport:
-    """What [`run_sharded`][] did: `shards` in all, `skipped` (finished before this call),
+    """What [`uma_eqx.cluster.run_sharded`][] did: `shards` in all, `skipped` (finished before this call),
     `ran` (shards run now), `retried` (shard runs repeated after a worker died), `output`."""
 
     shards: int
@@ -243,10 +243,10 @@ def run_sharded(
     - `structures`: a path to any file ASE reads (all frames), a list of `ase.Atoms`, or one.
     - `output`: the merged results: `.extxyz`/`.xyz` (final structures with energy, forces,
         stress and `info` index, steps, converged, fmax, error) or `.json`/`.jsonl` (the work
-        function's records, arrays as lists; read back with [`read_results`][]).
+        function's records, arrays as lists; read back with [`uma_eqx.cluster.read_results`][]).
     - `model`: a `.eqx` (or fairchem `.pt`) path; `None` for the built-in model.
     - `dtype`: load the model in this dtype (`"float32"`/`"float64"`); default the file's.
-    - `work`: `"relax"` ([`uma_eqx.relax_batch`][], default), `"predict"` ([`uma_eqx.predict`][])
+    - `work`: `"relax"` (`uma_eqx.relax_batch`, default), `"predict"` ([`uma_eqx.predict`][])
         or a function `work(model, structures, **work_kwargs) -> list[dict]` (one dict per
         structure, in order; it runs on the workers, so it must pickle).
     - `work_kwargs`: keyword arguments of `work` (e.g. `task_name`, `fmax`, `batch_size`).
@@ -261,7 +261,7 @@ def run_sharded(
 
     **Returns:**
 
-    A [`ShardReport`][].
+    A [`uma_eqx.cluster.ShardReport`][].
 
     **Raises:**
 

@@ -1,7 +1,7 @@
 """Data parallel: a batch of systems split over a 1-D mesh of devices.
 
 The batch is a stack of padded graphs (one or more per device) along a new leading axis,
-sharded over the mesh axis [`BATCH_AXIS`][]; every device runs the one-graph program on its
+sharded over the mesh axis [`uma_eqx.parallel.BATCH_AXIS`][]; every device runs the one-graph program on its
 own graphs (`jax.vmap` inside `jax.shard_map`), so the model itself never communicates. Graphs
 are whole batches of systems (atoms and edges flat, indices local to the graph); sharding the
 flat atom axis of one big graph instead would need a gather of every source atom across devices
@@ -75,7 +75,16 @@ def resolve_devices(devices: "int | Sequence[Device] | None" = None) -> list[Dev
 
 
 def batch_mesh(devices: "int | Sequence[Device] | None" = None) -> Mesh:
-    """A 1-D mesh with the axis [`BATCH_AXIS`][] over `devices` (see [`resolve_devices`][])."""
+    """A 1-D mesh with the axis [`uma_eqx.parallel.BATCH_AXIS`][] over `devices`.
+
+    **Arguments:**
+
+    - `devices`: as for [`uma_eqx.parallel.resolve_devices`][].
+
+    **Returns:**
+
+    The `jax.sharding.Mesh`.
+    """
     return Mesh(np.array(resolve_devices(devices)), (BATCH_AXIS,))
 
 
@@ -111,7 +120,7 @@ def empty_graph(
     - `num_atoms`, `num_edges`, `num_systems`: its sizes (each at least 1).
     - `dtype`: float dtype of positions, shifts and cells.
     - `like`: a graph whose static (non-array) fields the result copies, so that the two
-        stack ([`shard_stack`][]) and share one compiled program; padding passes every check
+        stack ([`uma_eqx.parallel.shard_stack`][]) and share one compiled program; padding passes every check
         [`uma_eqx.AtomicGraph.checked`][] makes, for any model.
 
     **Returns:**
@@ -146,13 +155,13 @@ def shard_stack(trees: Sequence[Any], mesh: Mesh) -> Any:
 
     Every process of a multi-process run passes the same `trees` (each keeps the slices of its
     own devices). The number of trees must be a multiple of the mesh size: pad with
-    [`empty_graph`][] (or any filler whose results you drop).
+    [`uma_eqx.parallel.empty_graph`][] (or any filler whose results you drop).
 
     **Arguments:**
 
     - `trees`: pytrees with identical structure, shapes and dtypes (e.g. `AtomicGraph`s
         padded to common sizes, or dicts of labels).
-    - `mesh`: a mesh from [`batch_mesh`][].
+    - `mesh`: a mesh from [`uma_eqx.parallel.batch_mesh`][].
 
     **Returns:**
 
@@ -206,7 +215,7 @@ def data_parallel(fn: Callable[[Any, Any], Any], mesh: Mesh) -> Callable[[Any, A
 
     The returned `call(shared, stacked)` computes `jax.vmap(lambda item: fn(shared, item))(stacked)`
     with `jax.shard_map`: device `d` of `mesh` gets `shared` whole (e.g. the model) and its
-    own slice of the leading axis of `stacked` (see [`shard_stack`][]), and runs `fn` on its
+    own slice of the leading axis of `stacked` (see [`uma_eqx.parallel.shard_stack`][]), and runs `fn` on its
     items, without communication. The outputs are stacked along the same leading axis and
     sharded as the input. It traces: call it inside `jax.jit` / `eqx.filter_jit` (it is
     differentiable there; the gradient of replicated `shared` is summed over devices). Non-array
@@ -218,7 +227,7 @@ def data_parallel(fn: Callable[[Any, Any], Any], mesh: Mesh) -> Callable[[Any, A
     **Arguments:**
 
     - `fn`: `fn(shared, item) -> pytree of arrays`, written for one item.
-    - `mesh`: a 1-D mesh from [`batch_mesh`][].
+    - `mesh`: a 1-D mesh from [`uma_eqx.parallel.batch_mesh`][].
 
     **Returns:**
 
