@@ -54,7 +54,7 @@ def test_langevin_without_noise_matches_ase(model, structures):
     for atoms, result in zip(structures, results):
         atoms = atoms.copy()
         atoms.calc = UMACalculator(model)
-        dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=0.0, friction=friction_per_fs / units.fs, fixcm=True)
+        dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=0.0, friction=friction_per_fs / units.fs, fixcm=False)
         frames = []
         dyn.attach(lambda a=atoms, f=frames: f.append((a.positions.copy(), a.get_momenta())), interval=INTERVAL)
         dyn.run(STEPS)

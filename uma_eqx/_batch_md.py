@@ -66,7 +66,6 @@ def _md_step(shared: tuple[UMA, _Integrator], item: tuple[AtomicGraph, _MDState]
     (model, integ), (graph, st) = shared, item
     real = graph.atom_mask[:, None]
     m = st.masses[:, None]
-    n = jnp.sum(graph.atom_mask)
     dt, fr = integ.dt, integ.friction
     # ASE Langevin.updatevars
     sigma = jnp.sqrt(2.0 * integ.kT * fr / m)
@@ -80,10 +79,6 @@ def _md_step(shared: tuple[UMA, _Integrator], item: tuple[AtomicGraph, _MDState]
     eta = jnp.where(real, jax.random.normal(k_eta, st.positions.shape, st.positions.dtype), 0.0)
     rnd_pos = c5 * eta
     rnd_vel = c3 * xi - c4 * eta
-    # ASE's fixcm=True: no random push of the centre of mass
-    factor = jnp.sqrt(n / jnp.maximum(n - 1.0, 1.0))
-    rnd_pos = jnp.where(real, rnd_pos - jnp.sum(rnd_pos, axis=0) / n, 0.0) * factor
-    rnd_vel = jnp.where(real, rnd_vel - jnp.sum(rnd_vel * m, axis=0) / (m * n), 0.0) * factor
     v = st.momenta / m
     v = v + c1 * st.forces / m - c2 * v + rnd_vel
     x = st.positions
@@ -134,7 +129,8 @@ def run_md_batch(
     `numpy.random.default_rng(seed + k)` (zero total momentum), exactly as
     [`uma_eqx.simulate.run_md`][] with `seed=seed + k` does, so a batched run and one-by-one
     runs start alike. Integrators: `nve`, ASE's `VelocityVerlet`; `nvt`, ASE's `Langevin`
-    (its update and coefficients, `fixcm=True`) with `friction_per_fs`, noise drawn with
+    (its update and coefficients, with `fixcm=False`: ASE deprecates `fixcm=True` since 3.28,
+    as it does not sample NVT exactly; the centre of mass diffuses) with `friction_per_fs`, noise drawn with
     `jax.random` (key `seed + k`). Up to `batch_size` systems run in one compiled step; more
     run in successive batches.
 
