@@ -273,3 +273,24 @@ def test_killed_run_resumes_with_one_result_per_input(tmp_path):
         assert k == k2 == record["index"]
         assert (steps, conv) == (steps2, conv2) == (record["steps"], record["converged"])
         assert abs(e - e2) <= 1e-9 * max(1.0, abs(e)) and record["energy"] == e2
+
+
+def test_cli_optimize_many_frames(stream, relaxed, tmp_path):
+    from ase.io import write
+    from click.testing import CliRunner
+
+    from uma_eqx.cli import main
+
+    many = tmp_path / "many.extxyz"
+    write(many, stream)
+    out = tmp_path / "relaxed.jsonl"
+    args = ["optimize", str(many), "--batch-size", "3", "--steps", str(MAX_STEPS), "--output", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 2  # three bad frames: reported, and the exit code says so
+    assert "3 failed" in result.output and f"{many}[4]" in result.output
+    records = _records(out)
+    assert [r["index"] for r in records] == list(range(len(stream)))
+    for record, r in zip(records, relaxed):
+        assert ("error" in record) == ("error" in r)
+        if "error" not in r:
+            assert abs(record["steps"] - r["steps"]) <= 1 and abs(record["energy"] - r["energy"]) < 1e-4 * r["natoms"]
