@@ -3,7 +3,7 @@
 import dataclasses
 import numbers
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import equinox as eqx
 import jax
@@ -15,6 +15,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._constants import CHARGE_RANGE, MAX_NEIGHBORS, MIN_ATOM_DISTANCE, SPIN_RANGE
 from .neighbors import radius_graph
+from .neighbors._host import import_vesin
 
 if TYPE_CHECKING:
     import ase
@@ -77,6 +78,9 @@ class AtomicGraph(eqx.Module):
     atom_mask: Bool[Array, "*batch atoms"]
     edge_mask: Bool[Array, "*batch edges"]
     system_mask: Bool[Array, "*batch systems"]
+    #: `(max_num_elements, num_datasets)` of a model whose run-time checks the host has
+    #: already made ([`uma_eqx.AtomicGraph.host_checked`][]); `None`: checked on device.
+    checked_for: tuple[int, int] | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         atoms, edges, systems = self.num_atoms, self.num_edges, self.num_systems
@@ -136,7 +140,8 @@ class AtomicGraph(eqx.Module):
 
         A graph built by [`uma_eqx.AtomicGraph.from_atoms`][] always passes; a hand-built one
         (or one assembled inside `jit`, e.g. by a neighbour list) may not, and would otherwise
-        be clamped silently by the embedding lookups. Checked, once per call, on device:
+        be clamped silently by the embedding lookups. Checked, once per call, on device (unless
+        [`uma_eqx.AtomicGraph.host_checked`][] marked the graph for a model of these sizes):
 
         - real atoms' atomic numbers in `1 .. max_num_elements - 1` (padded atoms may be 0);
         - edge endpoints in `0 .. atoms - 1`, atoms' systems in `0 .. systems - 1`;
@@ -153,26 +158,60 @@ class AtomicGraph(eqx.Module):
         The same graph (its positions carry the check, so it cannot be optimised away).
         """
         self._require_single("checked")
-        z, real = self.atomic_numbers, self.atom_mask
-        bad_z = jnp.any((real & ((z < 1) | (z >= max_num_elements))) | (z < 0) | (z >= max_num_elements))
-        bad_edges = jnp.any((self.edge_index < 0) | (self.edge_index >= self.num_atoms))
-        bad_systems = jnp.any((self.system_index < 0) | (self.system_index >= self.num_systems))
-        real_s = self.system_mask
-        bad_charge = jnp.any(real_s & ((self.charge < CHARGE_RANGE[0]) | (self.charge > CHARGE_RANGE[1])))
-        bad_spin = jnp.any(real_s & ((self.spin < SPIN_RANGE[0]) | (self.spin > SPIN_RANGE[1])))
-        bad_dataset = jnp.any((self.dataset_index < 0) | (self.dataset_index >= num_datasets))
-        checks = jnp.stack([bad_z, bad_edges, bad_systems, bad_charge, bad_spin, bad_dataset])
-        messages = [
-            f"AtomicGraph: an atomic number is outside 1..{max_num_elements - 1} (or a padded atom's outside "
-            f"0..{max_num_elements - 1}); build the graph with AtomicGraph.from_atoms or fix atomic_numbers",
-            "AtomicGraph: edge_index has an entry < 0 or >= the number of atoms; fix edge_index",
-            "AtomicGraph: system_index has an entry < 0 or >= the number of systems; fix system_index",
-            f"AtomicGraph: a charge is outside {list(CHARGE_RANGE)}; fix charge",
-            f"AtomicGraph: a spin is outside {list(SPIN_RANGE)}; fix spin",
-            f"AtomicGraph: a dataset_index is outside 0..{num_datasets - 1}; fix dataset_index",
-        ]
+        if self.checked_for == (max_num_elements, num_datasets):
+            return self  # checked on the host (host_checked) for a model of these sizes
+        checks = jnp.stack(self._violations(jnp, max_num_elements, num_datasets))
+        messages = _violation_messages(max_num_elements, num_datasets)
         positions = eqx.branched_error_if(self.positions, jnp.any(checks), jnp.argmax(checks), messages)
         return eqx.tree_at(lambda g: g.positions, self, positions)
+
+    def host_checked(self, max_num_elements: int, num_datasets: int) -> "AtomicGraph":
+        """The graph, checked now on the host, marked so that the model skips its run-time check.
+
+        The same checks as [`uma_eqx.AtomicGraph.checked`][], made with numpy. A marked graph
+        compiles a program without `eqx.error_if`'s host callback, and JAX writes no program
+        with a host callback to the on-disk compilation cache
+        ([`uma_eqx.enable_compilation_cache`][]): engines that build a graph and hand it
+        straight to the model (the ASE calculator) mark it, so a new process loads their
+        programs instead of compiling them. The mark is static and survives edits such as
+        `eqx.tree_at`: mark a graph only after its last edit.
+
+        **Arguments:**
+
+        - `max_num_elements`: rows of the model's element embedding.
+        - `num_datasets`: number of the model's datasets.
+
+        **Returns:**
+
+        The same graph with `checked_for=(max_num_elements, num_datasets)`.
+
+        **Raises:**
+
+        `ValueError` with `checked`'s message for the first check that fails, or when the
+        graph is traced (inside `jit`; use `checked` there).
+        """
+        self._require_single("host_checked")
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(self)):
+            raise ValueError("AtomicGraph.host_checked needs concrete arrays, got a traced graph; use checked() in jit")
+        violations = self._violations(np, max_num_elements, num_datasets)
+        for bad, message in zip(violations, _violation_messages(max_num_elements, num_datasets)):
+            if bad:
+                raise ValueError(message)
+        return dataclasses.replace(self, checked_for=(max_num_elements, num_datasets))
+
+    def _violations(self, xp, max_num_elements: int, num_datasets: int) -> list:
+        """`checked`'s six conditions (`True`: violated), with `xp` = `jnp` or `np`."""
+        names = ("atomic_numbers", "atom_mask", "system_mask", "edge_index", "system_index", "charge", "spin")
+        g = {name: xp.asarray(getattr(self, name)) for name in (*names, "dataset_index")}
+        z, real, real_s = g["atomic_numbers"], g["atom_mask"], g["system_mask"]
+        return [
+            xp.any((real & ((z < 1) | (z >= max_num_elements))) | (z < 0) | (z >= max_num_elements)),
+            xp.any((g["edge_index"] < 0) | (g["edge_index"] >= self.num_atoms)),
+            xp.any((g["system_index"] < 0) | (g["system_index"] >= self.num_systems)),
+            xp.any(real_s & ((g["charge"] < CHARGE_RANGE[0]) | (g["charge"] > CHARGE_RANGE[1]))),
+            xp.any(real_s & ((g["spin"] < SPIN_RANGE[0]) | (g["spin"] > SPIN_RANGE[1]))),
+            xp.any((g["dataset_index"] < 0) | (g["dataset_index"] >= num_datasets)),
+        ]
 
     @property
     def num_atoms_per_system(self) -> Int[Array, " systems"]:
@@ -273,7 +312,7 @@ class AtomicGraph(eqx.Module):
             except ValueError as e:
                 raise ValueError(f"structure #{k}: {e}") from None
             config.check_atoms(system, f"structure #{k}")
-        return cls.from_atoms(
+        graph = cls.from_atoms(
             structures,
             cutoff=config.cutoff,
             datasets=config.datasets,
@@ -283,6 +322,7 @@ class AtomicGraph(eqx.Module):
             pad=pad,
             min_distance=min_distance,
         )
+        return graph
 
     @classmethod
     def from_atoms(
@@ -396,20 +436,20 @@ class AtomicGraph(eqx.Module):
             edge_shift = np.zeros((1, 3), dtype=np.int64)
             edge_mask = np.zeros(1, dtype=bool)
 
-        float_dtype = jnp.zeros((), dtype).dtype
+        float_dtype = jax.dtypes.canonicalize_dtype(np.float64 if dtype is None else dtype)
         graph = cls(
-            positions=jnp.asarray(np.concatenate(positions), float_dtype),
-            atomic_numbers=jnp.asarray(np.concatenate(numbers)),
-            system_index=jnp.asarray(np.concatenate(system_index)),
-            edge_index=jnp.asarray(edge_index),
-            edge_shift=jnp.asarray(edge_shift, float_dtype),
-            cell=jnp.asarray(np.stack(cells), float_dtype),
-            charge=jnp.asarray(np.asarray(charges, dtype=np.int64)),
-            spin=jnp.asarray(np.asarray(spins, dtype=np.int64)),
-            dataset_index=jnp.asarray(np.asarray(dataset_index, dtype=np.int64)),
-            atom_mask=jnp.ones(offset, dtype=bool),
-            edge_mask=jnp.asarray(edge_mask),
-            system_mask=jnp.ones(len(structures), dtype=bool),
+            positions=_device_array(np.concatenate(positions), float_dtype),
+            atomic_numbers=_device_array(np.concatenate(numbers)),
+            system_index=_device_array(np.concatenate(system_index)),
+            edge_index=_device_array(edge_index),
+            edge_shift=_device_array(edge_shift, float_dtype),
+            cell=_device_array(np.stack(cells), float_dtype),
+            charge=_device_array(np.asarray(charges, dtype=np.int64)),
+            spin=_device_array(np.asarray(spins, dtype=np.int64)),
+            dataset_index=_device_array(np.asarray(dataset_index, dtype=np.int64)),
+            atom_mask=_device_array(np.ones(offset, dtype=bool)),
+            edge_mask=_device_array(edge_mask),
+            system_mask=_device_array(np.ones(len(structures), dtype=bool)),
         )
         if pad is False:
             return graph
@@ -559,18 +599,30 @@ def pad_graph(graph: AtomicGraph, num_atoms: int, num_edges: int, num_systems: i
             f"{graph.num_atoms + 1} (and one more system)."
         )
 
-    def extend(array, count, value):
-        fill = jnp.full((count,) + array.shape[1:], value, dtype=array.dtype)
-        return jnp.concatenate([array, fill], axis=0)
+    # on the host with numpy unless traced: eager jnp ops would compile a program per shape
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(graph))
+    xp = jnp if traced else np
+
+    def host(array):
+        return array if traced else np.asarray(array)
+
+    def finish(array) -> Array:
+        return cast(Array, array) if traced else _device_array(array)
+
+    def extend(array, count, value, axis=0) -> Array:
+        shape = list(array.shape)
+        shape[axis] = count
+        fill = xp.full(shape, value, dtype=array.dtype)
+        return finish(xp.concatenate([host(array), fill], axis=axis))
 
     pad_system, pad_atom = num_systems - 1, num_atoms - 1
-    eye = jnp.eye(3, dtype=graph.cell.dtype)
-    cell = jnp.concatenate([graph.cell, jnp.broadcast_to(eye, (add_systems, 3, 3))])
+    eye = xp.broadcast_to(xp.eye(3, dtype=graph.cell.dtype), (add_systems, 3, 3))
+    cell = finish(xp.concatenate([host(graph.cell), eye]))
     return AtomicGraph(
         positions=extend(graph.positions, add_atoms, 0),
         atomic_numbers=extend(graph.atomic_numbers, add_atoms, 0),
         system_index=extend(graph.system_index, add_atoms, pad_system),
-        edge_index=extend(graph.edge_index.T, add_edges, pad_atom).T,
+        edge_index=extend(graph.edge_index, add_edges, pad_atom, axis=1),
         edge_shift=extend(graph.edge_shift, add_edges, 0),
         cell=cell,
         charge=extend(graph.charge, add_systems, 0),
@@ -579,14 +631,36 @@ def pad_graph(graph: AtomicGraph, num_atoms: int, num_edges: int, num_systems: i
         atom_mask=extend(graph.atom_mask, add_atoms, False),
         edge_mask=extend(graph.edge_mask, add_edges, False),
         system_mask=extend(graph.system_mask, add_systems, False),
+        checked_for=graph.checked_for,  # padding keeps every checked range
     )
+
+
+def _violation_messages(max_num_elements: int, num_datasets: int) -> list[str]:
+    """The error of each of `AtomicGraph._violations`' conditions, in order."""
+    return [
+        f"AtomicGraph: an atomic number is outside 1..{max_num_elements - 1} (or a padded atom's outside "
+        f"0..{max_num_elements - 1}); build the graph with AtomicGraph.from_atoms or fix atomic_numbers",
+        "AtomicGraph: edge_index has an entry < 0 or >= the number of atoms; fix edge_index",
+        "AtomicGraph: system_index has an entry < 0 or >= the number of systems; fix system_index",
+        f"AtomicGraph: a charge is outside {list(CHARGE_RANGE)}; fix charge",
+        f"AtomicGraph: a spin is outside {list(SPIN_RANGE)}; fix spin",
+        f"AtomicGraph: a dataset_index is outside 0..{num_datasets - 1}; fix dataset_index",
+    ]
 
 
 def _last_is_real(mask: Bool[Array, " n"]) -> bool:
     """Whether the last entry is real; `True` (conservative) when traced or empty."""
     if isinstance(mask, jax.core.Tracer) or mask.shape[0] == 0:
         return True
-    return bool(mask[-1])
+    return bool(np.asarray(mask)[-1])
+
+
+def _device_array(array, dtype: DTypeLike | None = None) -> Array:
+    """A host array on JAX's default device, in `dtype` (default its own) as JAX canonicalises
+    it (int64 to int32 without x64). `jax.device_put` only transfers; `jnp.asarray` would
+    compile a small program per shape, which dominates a fresh process's first graphs."""
+    host = np.asarray(array, dtype=dtype)
+    return jax.device_put(host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False))
 
 
 def _task_names(task_name: str | Sequence[str], num_systems: int) -> list[str]:
@@ -643,7 +717,7 @@ def _check_min_distance(
     k: int,
 ) -> None:
     """Refuse two atoms, or an atom and a periodic image of another, closer than `min_distance`."""
-    import vesin
+    vesin = import_vesin()
 
     if len(pos) < 2 and not pbc.any():
         return

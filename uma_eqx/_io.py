@@ -9,6 +9,7 @@ import zipfile
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._config import UMAConfig
 from ._heads import EnergyReferences
@@ -285,7 +286,7 @@ def load(path: str | os.PathLike, dtype=None) -> UMA:
         except (ValueError, TypeError) as e:
             raise _corrupt(path, f"invalid model config ({e})") from None
         stored = jnp.dtype(header["dtype"])
-        skeleton = eqx.filter_eval_shape(UMA, config, stored, key=jax.random.key(0))
+        skeleton = eqx.filter_eval_shape(lambda: UMA(config, stored, key=jax.random.key(0)))  # key traced: no compile
         ref_dtype = jnp.dtype(header.get("references_dtype", header["dtype"]))
         if ref_dtype == jnp.float64 and not _x64_enabled():
             ref_dtype = jnp.dtype(jnp.float32)  # read as float32 when JAX runs without x64
@@ -300,6 +301,18 @@ def load(path: str | os.PathLike, dtype=None) -> UMA:
         # energy references keep their stored precision (float64 when saved from a float64 run)
         model = eqx.tree_at(lambda m: m.references, model, refs)
     return model
+
+
+def _load_leaf(file, like):
+    """`eqx.default_deserialise_filter_spec` without compiling: an array leaf is read with
+    `np.load` (bfloat16 recovered as `jnp.load` does) and moved with `jax.device_put`, where
+    `jnp.load` would compile a small program per shape (a third of a fresh process's programs)."""
+    if not isinstance(like, (jax.Array, jax.ShapeDtypeStruct)):
+        return eqx.default_deserialise_filter_spec(file, like)
+    host = np.load(file, allow_pickle=False)
+    if host.dtype == np.dtype("V2"):  # numpy writes bfloat16 as 2-byte void
+        host = host.view(jnp.bfloat16)
+    return jax.device_put(host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False))
 
 
 class _LeafError(Exception):
@@ -322,7 +335,7 @@ def _read_leaves(f, path: str, skeleton: UMA) -> UMA:
             return like
         count += 1
         try:
-            value = eqx.default_deserialise_filter_spec(file, like)
+            value = _load_leaf(file, like)
         except (EOFError, ValueError, OSError) as e:  # truncated; not an .npy record; object (pickled) arrays
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise _LeafError(f"array {count} of {total}: {reason}") from None

@@ -12,6 +12,31 @@ from .._constants import MAX_NEIGHBORS, MAX_NEIGHBORS_TOLERANCE
 _VESIN_CUTOFF_SLACK = 1e-6
 
 
+def import_vesin():
+    """The `vesin` module, imported without torch and cupy when neither is loaded yet.
+
+    vesin (0.6) imports torch and cupy at import when they are installed, only so that it can
+    also take their tensors; uma_eqx hands it numpy arrays, and importing torch costs a fresh
+    process a second or more (most of a warm-cache start). So they are hidden from vesin's
+    first import (`sys.modules[name] = None` makes `import name` raise `ImportError`, which
+    vesin treats as "not installed") and restored right after. A process that already
+    imported torch keeps vesin's torch support.
+    """
+    import sys
+
+    if "vesin" in sys.modules:
+        return sys.modules["vesin"]
+    hidden = [name for name in ("torch", "cupy") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        import vesin
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+    return vesin
+
+
 def radius_graph(
     positions: Float[np.ndarray, "atoms 3"],
     cell: Float[np.ndarray, "3 3"],
@@ -62,9 +87,7 @@ def radius_graph(
     target `i` (int64), and `shifts` the integer image offsets `S` (int64), such that
     the edge vector is `positions[j] - positions[i] + shifts @ cell`.
     """
-    # imported here: vesin imports torch when torch is installed (~1 s), which `import uma_eqx`
-    # need not pay
-    import vesin
+    vesin = import_vesin()
 
     positions = np.asarray(positions, dtype=np.float64)
     cell = np.asarray(cell, dtype=np.float64)
