@@ -74,7 +74,7 @@ def test_thermostat_noise_differs_per_replica(model, structures):
 
 def test_bad_parameters(model, structures):
     with pytest.raises(ValueError, match="ensemble"):
-        uma_eqx.run_md_batch(model, structures, ensemble="npt")  # pyright: ignore[reportArgumentType]
+        uma_eqx.run_md_batch(model, structures, ensemble="npt")
     with pytest.raises(ValueError, match="timestep_fs"):
         uma_eqx.run_md_batch(model, structures, timestep_fs=0.0)
     nan = structures[0].copy()

@@ -294,3 +294,25 @@ def test_cli_optimize_many_frames(stream, relaxed, tmp_path):
         assert ("error" in record) == ("error" in r)
         if "error" not in r:
             assert abs(record["steps"] - r["steps"]) <= 1 and abs(record["energy"] - r["energy"]) < 1e-4 * r["natoms"]
+
+
+_DEVICES_SCRIPT = _CRASH_SCRIPT.split("pause = float")[0] + textwrap.dedent(
+    """
+        assert jax.device_count() == 4
+        model, structs = tiny_model(), structures()
+        one = relax_batch(model, structs, fmax=0.05, max_steps=12, batch_size=4, devices=1)
+        four = relax_batch(model, structs, fmax=0.05, max_steps=12, batch_size=4, devices=4)
+        for a, b in zip(one, four):
+            assert (a["steps"], a["converged"]) == (b["steps"], b["converged"]), (a, b)
+            assert abs(a["energy"] - b["energy"]) <= 1e-9 * max(1.0, abs(a["energy"])), (a["energy"], b["energy"])
+            assert np.allclose(a["atoms"].positions, b["atoms"].positions, atol=1e-9)
+        print("OK", [r["steps"] for r in four])
+        """
+)
+
+
+def test_slots_split_over_devices_equal_one_device():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK" in done.stdout

@@ -9,7 +9,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import ase
 import equinox as eqx
@@ -22,7 +22,7 @@ from jaxtyping import Array, Bool, Float, UInt
 
 from ._graph import AtomicGraph
 from ._potential import UMA
-from ._predict import _structures, _task_of
+from ._predict import _relabel, _structures, _task_of
 from ._settings import DEFAULT_SETTINGS, ExecutionSettings
 from .neighbors._jax import DEFAULT_SKIN
 from .parallel._data import BATCH_AXIS, batch_mesh, data_parallel, to_host
@@ -110,7 +110,7 @@ def run_md_batch(
     structures: "str | os.PathLike | ase.Atoms | Iterable[ase.Atoms]",
     task_name: str | Sequence[str | None] | None = None,
     *,
-    ensemble: Literal["nve", "nvt"] = "nve",
+    ensemble: str = "nve",
     temperature_K: float = 300.0,
     timestep_fs: float = 1.0,
     steps: int = 1000,
@@ -185,7 +185,7 @@ def run_md_batch(
         try:
             template = AtomicGraph.for_model(model, atoms, task)
         except ValueError as e:
-            raise ValueError(str(e).replace("tructure #0", f"tructure #{k}", 1)) from None
+            raise ValueError(_relabel(str(e), k)) from None
         prepared.append((k, atoms, task, template))
     # no more slots than systems (rounded up to a multiple of the device count)
     num_slots = min(num_slots, -(-max(len(prepared), 1) // mesh.size) * mesh.size)
