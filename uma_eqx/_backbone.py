@@ -1,5 +1,7 @@
 """`UMABackbone`: embeddings, expert routing, edge frames, blocks, final norm."""
 
+import abc
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,48 @@ class ExpertRouter(eqx.Module):
                 return a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), 1e-12)
             case other:
                 raise ValueError(f"unknown expert coefficient norm {other!r}")
+
+
+class AbstractGraphExchange(eqx.Module):
+    """What a backbone evaluating one part of a partitioned graph needs from the other parts.
+
+    The hook of graph parallelism (`uma_eqx.parallel`): each device holds a local graph of the
+    atoms it owns followed by its halo (remote source atoms of its edges). The backbone's
+    maths is unchanged; it asks this object for the two things that cross parts:
+
+    - `refresh`: before each block, the halo rows of
+      the node features are replaced by their owners' rows (the owners hold complete sums of
+      incoming messages);
+    - `system_sum`: per-system sums (atom counts,
+      the charge/spin channel sums of `_balance_channels`, energies) are summed over parts.
+
+    `None` (the default of [`UMABackbone.__call__`][]) is one part holding everything. With
+    an exchange, the backbone does not run [`uma_eqx.AtomicGraph.checked`][] on its part
+    (its run-time error branch cannot live inside `shard_map`): the caller checks the whole
+    graph once.
+    """
+
+    @abc.abstractmethod
+    def refresh(self, x: Float[Array, "atoms ..."]) -> Float[Array, "atoms ..."]:
+        """**Arguments:**
+
+        - `x`: per-row values of the local graph (owned rows first, then halo rows).
+
+        **Returns:**
+
+        `x` with every halo row replaced by its owner's row.
+        """
+
+    @abc.abstractmethod
+    def system_sum(self, s: Float[Array, "systems ..."]) -> Float[Array, "systems ..."]:
+        """**Arguments:**
+
+        - `s`: this part's per-system partial sums (over its owned atoms).
+
+        **Returns:**
+
+        The sums over all parts (the same on every part).
+        """
 
 
 class UMABackbone(eqx.Module):
@@ -217,6 +261,7 @@ class UMABackbone(eqx.Module):
         expert_coefficients: Float[Array, "systems experts"] | None = None,
         strain: Float[Array, "systems 3 3"] | None = None,
         settings: ExecutionSettings = DEFAULT_SETTINGS,
+        exchange: AbstractGraphExchange | None = None,
     ) -> Float[Array, "atoms coeffs channels"]:
         """Node features after the final norm.
 
@@ -227,10 +272,14 @@ class UMABackbone(eqx.Module):
         - `expert_coefficients`: override the routed MoLE coefficients (default: computed).
         - `strain`: homogeneous deformation of each system's edge vectors (for the stress).
         - `settings`: how to execute (see [`uma_eqx.ExecutionSettings`][]).
+        - `exchange`: for a part of a partitioned graph (graph parallelism), how halo rows and
+          per-system sums are completed (see `uma_eqx._backbone.AbstractGraphExchange`); `None` for
+          a whole graph. Needs a model without a router (dense, or experts merged).
 
         **Returns:**
 
-        `(atoms, (lmax+1)**2, sphere_channels)` node features.
+        `(atoms, (lmax+1)**2, sphere_channels)` node features (with an `exchange`, the halo
+        rows are stale: only owned rows are final).
         """
         cfg = self.config
         dtype = self.sphere_embedding.dtype
@@ -240,7 +289,13 @@ class UMABackbone(eqx.Module):
                 f"{jnp.dtype(dtype).name}: the geometry would lose precision silently; build the graph with "
                 "AtomicGraph.for_model(model, ...) or from_atoms(..., dtype=model.dtype)"
             )
-        graph = graph.checked(cfg.max_num_elements, len(cfg.datasets))
+        if exchange is not None and self.router is not None:
+            raise ValueError(
+                "a partitioned graph (exchange=...) needs a model without MoLE routing: merge the experts "
+                "first, e.g. uma_eqx.merge_experts_for(model, graph) on the whole structure"
+            )
+        if exchange is None:  # a partitioned graph's caller checks the whole graph once
+            graph = graph.checked(cfg.max_num_elements, len(cfg.datasets))
         num_atoms = graph.atomic_numbers.shape[0]
         num_systems = graph.charge.shape[0]
         csd = self.system_embedding(graph)
@@ -270,12 +325,16 @@ class UMABackbone(eqx.Module):
         x = x + jax.ops.segment_sum(msg, frame.target, num_segments=num_atoms) / EDGE_DEGREE_RESCALE
 
         natoms = jax.ops.segment_sum(graph.atom_mask.astype(dtype), graph.system_index, num_segments=num_systems)
+        if exchange is not None:
+            natoms = exchange.system_sum(natoms)
         for block in blocks:
+            if exchange is not None:  # the sources' rows, complete, from their owners
+                x = exchange.refresh(x)
             x = block(x, atom_csd, frame, routing, settings)
-            x = self._balance_channels(x, graph, natoms)
+            x = self._balance_channels(x, graph, natoms, exchange)
         return self.norm(x)
 
-    def _balance_channels(self, x, graph: AtomicGraph, natoms):
+    def _balance_channels(self, x, graph: AtomicGraph, natoms, exchange: AbstractGraphExchange | None = None):
         # `escn_md.py:balance_channels_batched`: shift l=0 channels so that their per-system
         # sum equals the charge (spin channels: spin - 1).
         cfg = self.config
@@ -287,6 +346,8 @@ class UMABackbone(eqx.Module):
                 continue
             ch = x[:, 0, start:end]
             sums = jax.ops.segment_sum(ch * graph.atom_mask[:, None], graph.system_index, num_segments=natoms.shape[0])
+            if exchange is not None:
+                sums = exchange.system_sum(sums)
             corr = (sums - target[:, None].astype(x.dtype)) / jnp.where(natoms > 0, natoms, 1)[:, None]
             x = x.at[:, 0, start:end].set(ch - corr[graph.system_index])
         return x

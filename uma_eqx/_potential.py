@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._backbone import UMABackbone
+from ._backbone import AbstractGraphExchange, UMABackbone
 from ._config import UMAConfig
 from ._graph import AtomicGraph
 from ._heads import AbstractEnergyHead, EnergyReferences, LinearEnergyHead, LinearForceHead, MLPEnergyHead
@@ -80,6 +80,7 @@ class UMA(eqx.Module):
         roll: Float[Array, ""] | float = 0.0,
         strain: Float[Array, "systems 3 3"] | None = None,
         settings: ExecutionSettings = DEFAULT_SETTINGS,
+        exchange: AbstractGraphExchange | None = None,
     ) -> tuple[Float[Array, " atoms"], Float[Array, "atoms coeffs channels"]]:
         """Raw per-atom energies (zero on padded atoms) and the node features.
 
@@ -90,7 +91,7 @@ class UMA(eqx.Module):
         `(atoms,)` head outputs before normalisation and references, and the
         `(atoms, coeffs, channels)` backbone features.
         """
-        features = self.backbone(graph, roll, strain=strain, settings=settings)
+        features = self.backbone(graph, roll, strain=strain, settings=settings, exchange=exchange)
         num_heads = 0 if self.config.head_dataset_experts is None else self.config.num_head_experts
         e_atom = self.energy_head(features, self.head_routing(graph, num_heads))
         return jnp.where(graph.atom_mask, e_atom, 0.0), features
@@ -103,6 +104,7 @@ class UMA(eqx.Module):
         strain: Float[Array, "systems 3 3"] | None = None,
         *,
         settings: ExecutionSettings = DEFAULT_SETTINGS,
+        exchange: AbstractGraphExchange | None = None,
     ) -> Float[Array, " systems"]:
         """Total energy (eV) of each system; 0 for padded systems.
 
@@ -113,6 +115,9 @@ class UMA(eqx.Module):
         - `strain`: optional homogeneous strain per system, applied to the edge vectors.
         - `settings`: how to execute (chunking, memory, fast paths, matmul precision); see
           [`uma_eqx.ExecutionSettings`][].
+        - `exchange`: for one part of a partitioned graph (graph parallelism, see
+          `uma_eqx.parallel`): how halo rows and per-system sums are completed; the energy
+          returned is then the whole system's, on every part. `None` for a whole graph.
 
         **Returns:**
 
@@ -125,12 +130,20 @@ class UMA(eqx.Module):
         outside the embedding tables, an unknown dataset index.
         """
         with _precision(settings):
-            e_atom, _ = self.node_energies(graph, roll, strain, settings)
+            e_atom, _ = self.node_energies(graph, roll, strain, settings, exchange)
             num_systems = graph.charge.shape[0]
             raw = jax.ops.segment_sum(e_atom, graph.system_index, num_segments=num_systems)
             energy = self.references(
                 raw, graph.dataset_index, graph.atomic_numbers, graph.system_index, graph.atom_mask
             )
+            if exchange is not None:
+                # the references are affine in the atoms: each part adds its atoms' share, and
+                # the per-system constant (no atoms, zero raw energy) is added once
+                none = jnp.zeros_like(graph.atom_mask)
+                constant = self.references(
+                    jnp.zeros_like(raw), graph.dataset_index, graph.atomic_numbers, graph.system_index, none
+                )
+                energy = exchange.system_sum(energy - constant) + constant
             return jnp.where(graph.system_mask, energy, 0.0)
 
 

@@ -2,7 +2,8 @@
 
 import threading
 import warnings
-from typing import cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, cast
 
 import equinox as eqx
 import numpy as np
@@ -13,6 +14,11 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from ._graph import AtomicGraph
 from ._potential import UMA, energy_forces_stress, merge_experts_for
 from ._settings import DEFAULT_SETTINGS, ExecutionSettings
+
+if TYPE_CHECKING:
+    from jaxlib._jax import Device  # the class `jax.Device` names (pyright refuses the alias as a type)
+
+    from .parallel import ExchangeVolume, PartitionCapacity
 
 #: `atoms.info` keys that change the result (read by `AtomicGraph.from_atoms`): a change
 #: to any of them invalidates the calculator's cached results, as fairchem's calculator adds
@@ -59,6 +65,14 @@ class UMACalculator(Calculator):
     - `merge_experts`: shorthand overriding `settings.merge_experts`: merge MoLE experts per
       composition and keep the merged model until it changes (faster; same energies up to
       round-off). `False`: merge inside every call (fairchem's `merge_mole=False`), nothing cached.
+    - `devices`: evaluate each structure over these devices, its atoms partitioned spatially
+      (graph parallelism, see `uma_eqx.parallel` and the docs page `parallel.md`); `None`
+      (default): one device. The per-device capacities only grow (bucketed), so a moving
+      structure reuses one compiled program until its partition outgrows them.
+    - `exchange`: with `devices`, how halo rows are refreshed each layer: `"halo"` (only
+      the rows needed, ppermute rounds) or `"all_gather"`.
+    - `partition`: with `devices`, `"morton"` (compact blocks) or `"slab"` (slabs along the
+      widest direction).
     - `**kwargs`: passed to `ase.calculators.calculator.Calculator`.
     """
 
@@ -71,6 +85,9 @@ class UMACalculator(Calculator):
         *,
         settings: ExecutionSettings | None = None,
         merge_experts: bool | None = None,
+        devices: "Sequence[Device] | None" = None,
+        exchange: str = "halo",
+        partition: str = "morton",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -89,6 +106,43 @@ class UMACalculator(Calculator):
         self._lock = threading.RLock()
         self._merged: tuple[tuple, UMA] | None = None
         self._warned_defaults = False
+        self._mesh = None
+        if devices is not None:
+            from .parallel import make_mesh
+
+            if exchange not in ("halo", "all_gather"):
+                raise ValueError(f"unknown exchange {exchange!r}: use 'halo' or 'all_gather'")
+            if partition not in ("morton", "slab"):
+                raise ValueError(f"unknown partition {partition!r}: use 'morton' or 'slab'")
+            self._mesh = make_mesh(devices)
+        self.exchange = exchange
+        self.partition = partition
+        self._capacity: PartitionCapacity | None = None
+        self._volume: ExchangeVolume | None = None
+
+    @property
+    def exchange_volume(self) -> "ExchangeVolume | None":
+        """With `devices`: rows and bytes one layer's halo refresh moved for the last structure
+        (see `uma_eqx.parallel.ExchangeVolume`); `None` before the first calculation or without
+        `devices`."""
+        return self._volume
+
+    def _sharded(self, model: UMA, graph: AtomicGraph, atoms: Atoms) -> dict:
+        """Energy, forces and stress over `devices`; capacities grow (bucketed) as needed."""
+        from .parallel import ShardedStructure, energy_forces_stress_sharded, feature_row_bytes
+
+        assert self._mesh is not None
+        method = cast("Literal['morton', 'slab']", self.partition)
+        structure = ShardedStructure.build(graph, self._mesh, method, pbc=atoms.pbc)
+        needed = structure.partition.capacity
+        if self._capacity is None or not self._capacity.fits(needed):
+            grown = needed if self._capacity is None else self._capacity.union(needed)
+            self._capacity = grown.bucketed()
+        if needed != self._capacity:
+            structure = ShardedStructure.build(graph, self._mesh, method, self._capacity, pbc=atoms.pbc)
+        self._volume = structure.partition.exchange_volume(feature_row_bytes(model.config, model.dtype))
+        exchange = cast("Literal['all_gather', 'halo']", self.exchange)
+        return energy_forces_stress_sharded(model, structure, exchange=exchange, settings=self.settings)
 
     @property
     def merges_experts(self) -> bool:
@@ -147,7 +201,10 @@ class UMACalculator(Calculator):
             atoms = cast(Atoms, self.atoms)  # set by Calculator.calculate: the given atoms, or the last call's
             graph = self._graph(atoms)
             self._warn_omol_defaults(atoms)
-            if self.merges_experts or self.model.backbone.router is None:
+            if self._mesh is not None:
+                model = self._model_for(graph, atoms) if self.merges_experts else self.model
+                out = self._sharded(model, graph, atoms)
+            elif self.merges_experts or self.model.backbone.router is None:
                 out = energy_forces_stress(self._model_for(graph, atoms), graph, settings=self.settings)
             else:
                 out = _efs_merging_per_call(self.model, graph, self.settings)
