@@ -19,6 +19,24 @@ its parts: import, load, first energy+forces call.
 Workers are pinned to `--threads` CPUs exactly as in `compare_fairchem.py` (whose weights,
 `benchmarks/.cache/uma_s_1p1_full.{pt,eqx}`, it reuses or builds). Rounds alternate
 implementations, so slow drifts of a shared machine hit both alike.
+
+Measured 2026-12-02 (commit b68390b plus the calculator's host check; x86_64, 2 threads, a
+machine shared with other jobs, so absolute times are noisy; `--rounds 2`, medians, wall
+seconds = import + load + first E+F of the process):
+
+| model (64 atoms, E+F) | uma_eqx cold cache | uma_eqx warm cache | fairchem cold | fairchem warm |
+|---|---|---|---|---|
+| built-in | 20.6 s (1.7 + 0.2 + 17.8) | 7.4 s (1.9 + 0.2 + 4.6) | — | — |
+| uma-s-1p1 size (random weights) | 26.8 s (1.6 + 1.4 + 23.0) | 11.6 s (1.6 + 1.0 + 8.2) | 26.4 s (6.2 + 6.0 + 11.2) | 26.7 s (6.3 + 6.2 + 11.7) |
+
+Before (same day, same harness, heavier load): uma-s-1p1 size 66.3 s cold and 75.8 s warm
+against fairchem's 69.8 s and 44.5 s. A warm cache did not help at all: the model's program
+carried `eqx.error_if`'s host callback, which JAX never writes to the on-disk cache, and a
+first call also compiled ~80 small programs (eager `jnp` ops while reading weights, building
+and padding the graph, and indexing results; each one per shape, so a stream of sizes paid
+them again and again). Now a first call compiles two programs (the experts merge and the
+model) and a warm process loads both; what remains of the warm first call is mostly JAX
+tracing the model in Python.
 """
 
 import argparse
