@@ -64,6 +64,14 @@ def die_once(model, structures, marker, **kwargs):
     return cluster.predict_work(model, structures, **kwargs)
 
 
+def pair_count(model, structures, **kwargs):
+    """A work function that needs no compilation: "energy" = number of atom pairs, zero forces."""
+    return [
+        {"energy": float(len(a) * (len(a) - 1) / 2), "forces": np.zeros((len(a), 3)), "natoms": len(a)}
+        for a in structures
+    ]
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     cache = tmp_path_factory.mktemp("xla_cache")
@@ -146,14 +154,14 @@ def test_extxyz_output_and_bad_arguments(local_ray, inputs, tmp_path):
 
     folder, model_path, structures = inputs
     out = tmp_path / "run.extxyz"
-    cluster.run_sharded(
-        structures[:3], out, model=model_path, work="predict", work_kwargs={"batch_size": 2}, shard_size=2
-    )
+    report = cluster.run_sharded(structures[:3], out, model=model_path, work=pair_count, shard_size=2)
+    assert (report.shards, report.ran, report.retried) == (2, 2, 0)
     frames = read(out, ":")
     assert [f.info["index"] for f in frames] == [0, 1, 2]
     for frame, original in zip(frames, structures):
         np.testing.assert_allclose(frame.positions, original.positions, atol=1e-6)
-        assert np.isfinite(frame.get_potential_energy())
+        assert frame.get_potential_energy() == len(original) * (len(original) - 1) / 2
+        np.testing.assert_array_equal(frame.get_forces(), 0.0)
     with pytest.raises(ValueError, match="shard_size must be a positive int"):
         cluster.run_sharded(structures, tmp_path / "x.jsonl", shard_size=0)
     with pytest.raises(ValueError, match="must end in one of"):

@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from ._backbone import UMABackbone as UMABackbone
+from ._batch_md import run_md_batch as run_md_batch
 from ._block import UMABlock as UMABlock
 from ._cache import (
     default_cache_dir as default_cache_dir,
@@ -78,6 +79,7 @@ from ._potential import (
 from ._predict import predict as predict
 from ._settings import ExecutionSettings as ExecutionSettings
 from .convert import load_fairchem_checkpoint as load_fairchem_checkpoint
+from .export import export as export  # the function; its module stays importable as uma_eqx.export
 from .nn import (
     EquivariantRMSNorm as EquivariantRMSNorm,
 )
@@ -90,6 +92,7 @@ from .nn import (
 from .nn import (
     SO3Linear as SO3Linear,
 )
+from .relax import relax_batch as relax_batch
 
 try:
     __version__ = _version("uma_eqx")

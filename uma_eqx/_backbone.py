@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._block import EdgeFrame, UMABlock, make_norm
+from ._block import EdgeFrame, UMABlock, edge_degree_sum, make_norm
 from ._config import ChargeSpinEmbeddingType, ExpertNorm, UMAConfig
 from ._constants import EDGE_DEGREE_RESCALE, MOLE_SOFTMAX_OFFSET
 from ._graph import AtomicGraph
@@ -28,7 +28,7 @@ from .nn import (
     polynomial_envelope,
 )
 from .nn._embedding import ChargeSpinTarget
-from .so3 import Rotation, coefficient_layout, edge_rotation_matrix, safe_norm, wigner_d_from_matrix
+from .so3 import safe_norm
 
 
 def make_charge_spin_embedding(config: UMAConfig, target: ChargeSpinTarget, dtype, key) -> AbstractChargeSpinEmbedding:
@@ -236,21 +236,19 @@ class UMABackbone(eqx.Module):
             vec = jnp.where(graph.edge_mask[:, None], strained, vec)
         distance = safe_norm(vec)
         envelope = polynomial_envelope(distance / cfg.cutoff)
-        rot = jax.vmap(edge_rotation_matrix, in_axes=(0, None))(vec, roll)
-        wigner_full = jax.vmap(wigner_d_from_matrix, in_axes=(0, None))(rot, cfg.lmax)
-        rows = coefficient_layout(cfg.lmax, cfg.mmax).m_major_rows
-        wigner = wigner_full[:, rows, :]
         source, target = graph.edge_index[0], graph.edge_index[1]
         z = graph.atomic_numbers
         basis = jax.vmap(GaussianBasis(cfg.cutoff, cfg.num_distance_basis))(distance)
         frame = EdgeFrame(
-            Rotation.of(wigner),
-            # the inverse rotation (orthogonal: the transpose) times the envelope
-            Rotation.of(jnp.swapaxes(wigner, 1, 2) * envelope[:, None, None]),
+            vec,
+            jnp.broadcast_to(jnp.asarray(roll, vec.dtype), distance.shape),
+            envelope,
             EdgeScalars(basis, z[source], z[target]),
             source,
             target,
             graph.system_index[target],
+            cfg.lmax,
+            cfg.mmax,
         )
         return frame, envelope
 
@@ -319,10 +317,8 @@ class UMABackbone(eqx.Module):
             (self.edge_degree_rad, self.blocks), self.source_embedding, self.target_embedding
         )
         # edge-degree embedding (`nn/embedding.py:EdgeDegreeEmbedding`, rescale 5.0)
-        m0 = cfg.lmax + 1
-        rad = edge_degree_rad(frame.x_edge).reshape(-1, m0, cfg.sphere_channels)
-        msg = frame.from_edge.columns(m0)(rad)
-        x = x + jax.ops.segment_sum(msg, frame.target, num_segments=num_atoms) / EDGE_DEGREE_RESCALE
+        degree = edge_degree_sum(frame, edge_degree_rad, num_atoms, cfg.sphere_channels, dtype, settings)
+        x = x + degree / EDGE_DEGREE_RESCALE
 
         natoms = jax.ops.segment_sum(graph.atom_mask.astype(dtype), graph.system_index, num_segments=num_systems)
         if exchange is not None:

