@@ -137,12 +137,15 @@ def test_killed_worker_retried_every_result_once(local_ray, inputs):
     assert [r["energy"] for r in cluster.read_results(out)] == [r["energy"] for r in results]
 
     # after a driver crash between shards: only the missing shard runs
+    # (rerun with a cheap work function: its results show which shard ran again)
     (folder / "run.jsonl.shards" / "000002.json").unlink()
-    partial = cluster.run_sharded(
-        structures, out, model=model_path, work="predict", work_kwargs={"batch_size": 2}, shard_size=2
-    )
+    partial = cluster.run_sharded(structures, out, model=model_path, work=pair_count, shard_size=2)
     assert (partial.skipped, partial.ran, partial.retried) == (3, 1, 0)
-    assert [r["index"] for r in cluster.read_results(out)] == list(range(7))
+    merged = cluster.read_results(out)
+    assert [r["index"] for r in merged] == list(range(7))
+    pairs = [len(a) * (len(a) - 1) / 2 for a in structures]
+    assert [r["energy"] for r in merged[4:6]] == pairs[4:6]  # shard 2 = structures 4, 5
+    assert [r["energy"] for r in merged[:4] + merged[6:]] == [r["energy"] for r in results[:4] + results[6:]]
 
     # the same output path with other input is refused
     with pytest.raises(ValueError, match="belongs to another run"):
