@@ -22,6 +22,10 @@ from uma_eqx import cluster  # noqa: E402
 #: Same program, same weights, other process: equal to this relative error.
 RTOL = 1e-12
 
+# ray.init starts its processes with fork+exec (subprocess with preexec_fn); JAX, already running in
+# this pytest worker, warns at every fork. The child execs at once, so the warning does not apply.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
 
 def _tiny_model():
     import equinox as eqx
