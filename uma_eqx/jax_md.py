@@ -6,7 +6,7 @@ Units are UMA's: energy eV, length Å, mass amu, so JAX-MD's time unit is
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import ase
@@ -23,6 +23,10 @@ from ._potential import UMA, merge_experts_for
 from ._settings import DEFAULT_SETTINGS, ExecutionSettings
 from .neighbors import NeighborList, NeighborListFns
 from .neighbors._jax import DEFAULT_CAPACITY_MULTIPLIER, DEFAULT_SKIN
+from .parallel._data import Device
+from .parallel._graph_parallel import ExchangeMode, make_mesh
+from .parallel._md import GraphPartitioner, ShardedNeighborList, sharded_energy
+from .parallel._partition import PartitionMethod
 
 #: One femtosecond in JAX-MD time units when energies are eV, lengths Å and masses amu
 #: (`ase.units.fs`).
@@ -114,6 +118,77 @@ class UMANeighborFn(eqx.Module):
         return self.fns.update(r, neighbors, cell)
 
 
+class ShardedNeighborFn(eqx.Module):
+    """JAX-MD-style `allocate`/`update` of a neighbour list partitioned over devices.
+
+    The list of a [`uma_eqx.jax_md.UMANeighborFn`][] (`base`), re-partitioned over the
+    devices at every rebuild by `partitioner` (see [`uma_eqx.parallel.GraphPartitioner`][]):
+    atoms are re-assigned to devices, so those that crossed a partition boundary migrate.
+    Exceeding the candidate buffer or any per-device capacity (edges, halo rows per round)
+    sets `did_buffer_overflow`; [`uma_eqx.jax_md.run`][] then grows the capacities and reruns
+    the chunk. Built by [`uma_eqx.jax_md.energy_and_neighbor_fns`][] with `devices=`.
+    """
+
+    base: UMANeighborFn
+    atomic_numbers: Int[Array, " atoms"]
+    partitioner: GraphPartitioner = eqx.field(static=True)
+
+    @property
+    def fns(self) -> NeighborListFns:
+        """The whole structure's candidate search (see [`uma_eqx.neighbors.NeighborListFns`][])."""
+        return self.base.fns
+
+    def cartesian(
+        self, positions: Float[Array, "atoms 3"], box: Float[Array, "3 3"] | None = None
+    ) -> tuple[Float[Array, "atoms 3"], Float[Array, "3 3"]]:
+        """Cartesian positions and the cell (rows) of JAX-MD coordinates (see `UMANeighborFn.cartesian`)."""
+        return self.base.cartesian(positions, box)
+
+    def allocate(self, positions: Float[Array, "atoms 3"], box=None, extra_capacity: int = 0) -> ShardedNeighborList:
+        """Build the list and its partition, sized for `positions` (host).
+
+        **Arguments:**
+
+        - `positions`: positions in JAX-MD coordinates.
+        - `box`: JAX-MD box; `None` for the default.
+        - `extra_capacity`: candidate slots on top of `capacity_multiplier x count`.
+
+        **Returns:**
+
+        The [`uma_eqx.parallel.ShardedNeighborList`][], with `capacity_multiplier` head-room on
+        the candidates and on every device's edges and halo rows.
+        """
+        neighbors = self.base.allocate(positions, box, extra_capacity)
+        return self.partitioner.allocate(neighbors, self.atomic_numbers)
+
+    def reallocate(
+        self, positions: Float[Array, "atoms 3"], overflowed: ShardedNeighborList, box=None
+    ) -> ShardedNeighborList:
+        """A larger list after `overflowed` overflowed (host; used by [`uma_eqx.jax_md.run`][]).
+
+        **Arguments:**
+
+        - `positions`: positions where it overflowed.
+        - `overflowed`: the list that overflowed (its capacities and the peak sizes it met).
+        - `box`: JAX-MD box there.
+
+        **Returns:**
+
+        A list built at `positions` whose capacities cover `overflowed`'s and the peaks it met,
+        with head-room.
+        """
+        extra = max(math.ceil(overflowed.neighbors.capacity * (self.fns.capacity_multiplier - 1.0)), 16)
+        neighbors = self.base.allocate(positions, box, extra_capacity=extra)
+        return self.partitioner.allocate(neighbors, self.atomic_numbers, previous=overflowed)
+
+    def update(
+        self, positions: Float[Array, "atoms 3"], neighbors: ShardedNeighborList, box=None
+    ) -> ShardedNeighborList:
+        """Rebuild and re-partition if needed (jit-able; see `NeighborListFns.update`)."""
+        rebuilt = self.base.update(positions, neighbors.neighbors, box)
+        return self.partitioner.update(rebuilt, neighbors, self.atomic_numbers)
+
+
 def energy_and_neighbor_fns(
     model: UMA,
     atoms: ase.Atoms,
@@ -125,7 +200,10 @@ def energy_and_neighbor_fns(
     merge: bool = True,
     settings: ExecutionSettings | None = None,
     neighbor_method: Literal["auto", "all_pairs", "cell_list"] = "auto",
-) -> tuple[Callable[..., Float[Array, ""]], UMANeighborFn]:
+    devices: Sequence[Device] | None = None,
+    exchange: ExchangeMode = "halo",
+    partition: PartitionMethod = "morton",
+) -> tuple[Callable[..., Float[Array, ""]], "UMANeighborFn | ShardedNeighborFn"]:
     """A JAX-MD energy function of `model` for the atoms of `atoms`, and its neighbour list.
 
     The composition, charge, spin (from `atoms.info`, fairchem's defaults), periodicity and
@@ -151,6 +229,18 @@ def energy_and_neighbor_fns(
     - `settings`: how to execute the model (see [`uma_eqx.ExecutionSettings`][]).
     - `neighbor_method`: the neighbour list's candidate search (see
         [`uma_eqx.neighbors.NeighborListFns`][]): all pairs, a cell list, or `"auto"`.
+    - `devices`: `None` (default): one device. A sequence of devices: graph parallelism over
+        a 1-D mesh of them. The candidate list (searched on every device alike) is partitioned
+        at every rebuild: atoms are re-assigned to devices by `partition`, each device
+        evaluates the edges whose target it owns and refreshes its halo before every block
+        (see [`uma_eqx.parallel.energy_forces_stress_sharded`][], the same per-device model
+        call), all in capacities fixed at `allocate`. The neighbour function is then a
+        [`uma_eqx.jax_md.ShardedNeighborFn`][]; `-grad` and the stress through `perturbation`
+        go through the collectives. Needs the experts merged (`merge=True`).
+    - `exchange`: with `devices`, how halo rows travel: `"halo"` (ppermute rounds, fixed rows
+        per round) or `"all_gather"`.
+    - `partition`: with `devices`, how atoms are assigned: `"morton"` (Z-order blocks) or
+        `"slab"` (slabs along the widest lattice normal), balanced by count.
 
     **Returns:**
 
@@ -160,7 +250,9 @@ def energy_and_neighbor_fns(
 
     `ValueError` for an unknown task, elements outside the model, a partly periodic system
     with `fractional_coordinates=True`, or anything [`uma_eqx.AtomicGraph.from_atoms`][]
-    refuses (empty structure, NaN positions, degenerate cell, bad charge/spin).
+    refuses (empty structure, NaN positions, degenerate cell, bad charge/spin); with
+    `devices`, for an empty device list, an unknown `exchange` or `partition`, or a MoLE model
+    with `merge=False`.
     """
     cfg = model.config
     settings = DEFAULT_SETTINGS if settings is None else settings
@@ -181,6 +273,10 @@ def energy_and_neighbor_fns(
     default_box = jnp.asarray(box_from_atoms(atoms), model.dtype)
     neighbor_fn = UMANeighborFn(fns, default_box, fractional_coordinates)
     far = cfg.cutoff + 1.0  # fairchem's fake-edge distance (escn_md.py:add_n_empty_edges)
+    if devices is not None:
+        return _sharded_energy_fn(
+            model, template, neighbor_fn, devices, exchange, partition, settings, capacity_multiplier, far
+        )
 
     def energy_fn(R, neighbor: NeighborList, box=None, perturbation=None, **unused) -> Float[Array, ""]:
         positions, cell = neighbor_fn.cartesian(jnp.asarray(R), box)
@@ -201,14 +297,7 @@ def energy_and_neighbor_fns(
         )
         mask, over_cap = fns.graph_mask(neighbor, graph.edge_vectors(far))
         graph = eqx.tree_at(lambda g: g.edge_mask, graph, mask)
-        strain = None
-        if perturbation is not None:
-            # JAX-MD maps dR -> perturbation @ dR (column vectors); ours is dR_row @ (I + strain).
-            # A scalar (npt_nose_hoover's isotropic `1 + eps`) scales every vector.
-            deform = jnp.asarray(perturbation, positions.dtype)
-            eye = jnp.eye(3, dtype=positions.dtype)
-            deform = deform * eye if deform.ndim == 0 else deform
-            strain = (deform.T - eye)[None]
+        strain = None if perturbation is None else _strain(perturbation, positions.dtype)
         energy = model(graph, strain=strain, settings=settings)[0]
         energy = eqx.error_if(
             energy,
@@ -223,6 +312,104 @@ def energy_and_neighbor_fns(
         )
 
     return energy_fn, neighbor_fn
+
+
+def _strain(perturbation: ArrayLike, dtype) -> Float[Array, "1 3 3"]:
+    """Our strain (`dR_row @ (I + strain)`) of JAX-MD's `perturbation` (`dR -> perturbation @ dR`,
+    column vectors); a scalar (npt_nose_hoover's isotropic `1 + eps`) scales every vector."""
+    deform = jnp.asarray(perturbation, dtype)
+    eye = jnp.eye(3, dtype=dtype)
+    deform = deform * eye if deform.ndim == 0 else deform
+    return (deform.T - eye)[None]
+
+
+def _sharded_energy_fn(
+    model: UMA,
+    template: AtomicGraph,
+    neighbor_fn: UMANeighborFn,
+    devices: Sequence[Device],
+    exchange: ExchangeMode,
+    partition: PartitionMethod,
+    settings: ExecutionSettings,
+    capacity_multiplier: float,
+    far: float,
+) -> tuple[Callable[..., Float[Array, ""]], "ShardedNeighborFn"]:
+    """`energy_and_neighbor_fns` over a mesh of `devices` (graph parallel); see there."""
+    if exchange not in ("all_gather", "halo"):
+        raise ValueError(f"unknown exchange {exchange!r}: use 'all_gather' or 'halo'")
+    if model.backbone.router is not None:
+        raise ValueError(
+            "devices=... needs the MoLE experts merged for the structure: pass merge=True and settings with "
+            "merge_experts=True"
+        )
+    mesh = make_mesh(devices)
+    fns = neighbor_fn.fns
+    partitioner = GraphPartitioner(len(mesh.devices.flat), fns.pbc, partition, capacity_multiplier)
+    sharded_fn = ShardedNeighborFn(neighbor_fn, template.atomic_numbers, partitioner)
+
+    def energy_fn(R, neighbor: ShardedNeighborList, box=None, perturbation=None, **unused) -> Float[Array, ""]:
+        return _sharded_md_energy(
+            model, template, neighbor_fn, mesh, exchange, settings, far, R, neighbor, box, perturbation
+        )
+
+    return energy_fn, sharded_fn
+
+
+@eqx.filter_jit
+def _sharded_md_energy(
+    model: UMA,
+    template: AtomicGraph,
+    neighbor_fn: UMANeighborFn,
+    mesh,
+    exchange: ExchangeMode,
+    settings: ExecutionSettings,
+    far: float,
+    R: Float[Array, "atoms 3"],
+    neighbor: ShardedNeighborList,
+    box,
+    perturbation,
+) -> Float[Array, ""]:
+    """The graph-parallel JAX-MD energy (one program: the whole-graph checks and the sharded model)."""
+    cfg = model.config
+    fns = neighbor_fn.fns
+    positions, cell = neighbor_fn.cartesian(jnp.asarray(R), box)
+    candidates = neighbor.neighbors
+    positions = fns.unwrap(positions, candidates, cell)  # the images the list was built for
+    graph = AtomicGraph(
+        positions=positions,
+        atomic_numbers=template.atomic_numbers,
+        system_index=template.system_index,
+        edge_index=candidates.edge_index,
+        edge_shift=candidates.edge_shift.astype(positions.dtype),
+        cell=cell[None],
+        charge=template.charge,
+        spin=template.spin,
+        dataset_index=template.dataset_index,
+        atom_mask=template.atom_mask,
+        edge_mask=candidates.edge_mask,
+        system_mask=template.system_mask,
+    )
+    # the whole graph is checked once here (the devices' parts are not: see AbstractGraphExchange)
+    graph = graph.checked(cfg.max_num_elements, len(cfg.datasets))
+    mask, over_cap = fns.graph_mask(candidates, graph.edge_vectors(far))
+    dtype = positions.dtype
+    strain = jnp.zeros((1, 3, 3), dtype) if perturbation is None else _strain(perturbation, dtype)
+    energy = sharded_energy(
+        model, mesh, exchange, settings, neighbor, graph.positions, mask, graph.cell,
+        template.charge, template.spin, template.dataset_index, strain,
+    )  # fmt: skip
+    energy = eqx.error_if(
+        energy,
+        over_cap,
+        f"an atom has more than max_neighbors={cfg.max_neighbors} neighbours within the cutoff; "
+        "fairchem then caps its neighbours, which the in-jit list does not do: use UMACalculator",
+    )
+    return eqx.error_if(
+        energy,
+        neighbor.did_buffer_overflow,
+        "neighbour buffer or a device's partition capacity overflowed: reallocate with neighbor_fn.allocate "
+        "(uma_eqx.jax_md.run does it)",
+    )
 
 
 #: Reallocations of the neighbour list in a row (one chunk rerun each) before `run` gives up:
@@ -260,14 +447,14 @@ def _run_chunk(
 
 
 def run(
-    step_fn: Callable[[Any, NeighborList], Any],
+    step_fn: Callable[[Any, Any], Any],
     state: Any,
-    neighbors: NeighborList,
-    neighbor_fn: UMANeighborFn,
+    neighbors: NeighborList | ShardedNeighborList,
+    neighbor_fn: "UMANeighborFn | ShardedNeighborFn",
     num_steps: int,
     *,
     steps_per_chunk: int = 100,
-    observe: Callable[[Any, NeighborList], Any] | None = None,
+    observe: Callable[[Any, Any], Any] | None = None,
     observe_last: bool = False,
     box_fn: Callable[[Any], Array] | None = None,
     callback: Callable[[int, Any, Any], None] | None = None,
@@ -330,10 +517,15 @@ def run(
                 )
             # Size the list where it overflowed (the cell there may need more images), then
             # bring it up to date at the chunk's start, where the rerun begins.
-            extra = max(math.ceil(neighbors.capacity * (neighbor_fn.fns.capacity_multiplier - 1.0)), 16)
-            neighbors = neighbor_fn.allocate(
-                new_state.position, None if box_fn is None else box_fn(new_state), extra_capacity=extra
-            )
+            if isinstance(neighbor_fn, ShardedNeighborFn):  # grow every capacity it met
+                neighbors = neighbor_fn.reallocate(
+                    new_state.position, new_nbrs, None if box_fn is None else box_fn(new_state)
+                )
+            else:
+                extra = max(math.ceil(neighbors.capacity * (neighbor_fn.fns.capacity_multiplier - 1.0)), 16)
+                neighbors = neighbor_fn.allocate(
+                    new_state.position, None if box_fn is None else box_fn(new_state), extra_capacity=extra
+                )
             neighbors = neighbor_fn.update(state.position, neighbors, None if box_fn is None else box_fn(state))
             continue
         reallocations = 0
