@@ -17,7 +17,9 @@ Two measurements, both exact on any machine (no timing):
   random weights (experts merged: the shape the sharded program runs). It compiles only.
 
     python benchmarks/scaling.py volume --json docs/assets/scaling/volume.json
-    python benchmarks/scaling.py memory --json docs/assets/scaling/memory.json
+    python benchmarks/scaling.py memory --json docs/assets/scaling/memory_default.json
+    python benchmarks/scaling.py memory --residual-budget 0 --json docs/assets/scaling/memory_budget0.json
+    python benchmarks/scaling.py table      # docs/scaling.md's tables from those files (+ md_scaling.py's md.json)
 
 Shapes. uma-s-1p1: lmax 2, 128 sphere channels, 4 layers (its checkpoint). uma-m-1p1: lmax 4,
 mmax 2, 128 sphere channels, 10 layers -- ASSUMED from the UMA paper's description; no uma-m
@@ -168,9 +170,104 @@ def memory(strong_atoms: int, weak_atoms_per_device: int, device_counts, shape: 
     return rows
 
 
+#: Link bandwidths of the modelled communication time (bytes/s, one direction, per GPU): NVLink 4
+#: on H100/H200 SXM, 900 GB/s bidirectional (NVIDIA H100/H200 datasheets); one NDR InfiniBand
+#: port per GPU, 400 Gb/s (NVIDIA ConnectX-7 datasheet).
+NVLINK_BYTES_PER_S = 450e9
+INFINIBAND_BYTES_PER_S = 50e9
+#: GPUs per node (HGX H100/H200): up to this many devices, traffic stays on NVLink.
+GPUS_PER_NODE = 8
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:,.1f}"
+
+
+def table(volume_json: str, memory_jsons: list[str], md_json: str | None) -> str:
+    """The scaling page's tables (markdown) from this script's and md_scaling.py's JSON files."""
+    out = []
+    rows = json.loads(pathlib.Path(volume_json).read_text())["rows"]
+    by = {(r["atoms"], r["devices"], r["method"]): r for r in rows}
+    for shape, (lmax, channels, layers) in SHAPES.items():
+        out += [
+            f"**{shape}** (lmax {lmax}, {channels} channels, {layers} layers; {row_bytes(shape):,} bytes per "
+            "atom row): MB received per device per layer",
+            "",
+            "| atoms | devices | owned/device | halo atoms (morton / slab) | uma_eqx halo, morton (rounds) "
+            "| halo rows alone, morton | uma_eqx halo, slab (rounds) | fairchem all-gather |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for atoms, devices in sorted({(r["atoms"], r["devices"]) for r in rows}):
+            m, s = by[(atoms, devices, "morton")], by[(atoms, devices, "slab")]
+            out.append(
+                f"| {atoms:,} | {devices} | {m['owned_max']:,} | {m['halo_atoms_max']:,} / {s['halo_atoms_max']:,} "
+                f"| {_mb(m[shape]['halo_padded_per_device'])} ({m['halo_rounds']}) "
+                f"| {_mb(m[shape]['halo_needed_max_per_device'])} "
+                f"| {_mb(s[shape]['halo_padded_per_device'])} ({s['halo_rounds']}) "
+                f"| {_mb(m[shape]['fairchem_all_gather_per_device'])} |"
+            )
+        out.append("")
+    out += [
+        "Modelled communication time per MD step (energy and forces: each layer's exchange forward and its "
+        f"transpose backward, `2 x layers` exchanges), no overlap with compute, at {NVLINK_BYTES_PER_S / 1e9:.0f} "
+        f"GB/s (NVLink, up to {GPUS_PER_NODE} devices) or {INFINIBAND_BYTES_PER_S / 1e9:.0f} GB/s (InfiniBand "
+        "NDR, more devices) per device:",
+        "",
+        "| shape | atoms | devices | uma_eqx halo (morton) | halo rows alone | fairchem all-gather |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for shape, (_, _, layers) in SHAPES.items():
+        for atoms, devices in sorted({(r["atoms"], r["devices"]) for r in rows}):
+            m = by[(atoms, devices, "morton")]
+            bw = NVLINK_BYTES_PER_S if devices <= GPUS_PER_NODE else INFINIBAND_BYTES_PER_S
+
+            def ms(b, bw=bw, layers=layers):
+                return f"{2 * layers * b / bw * 1e3:,.1f} ms"
+
+            out.append(
+                f"| {shape} | {atoms:,} | {devices} | {ms(m[shape]['halo_padded_per_device'])} "
+                f"| {ms(m[shape]['halo_needed_max_per_device'])} | {ms(m[shape]['fairchem_all_gather_per_device'])} |"
+            )
+    out.append("")
+    for path in memory_jsons:
+        mem = json.loads(pathlib.Path(path).read_text())["rows"]
+        budget = mem[0]["residual_budget_bytes"]
+        out += [
+            f"Compiled memory per device ({mem[0]['shape']}, float32, `residual_budget_bytes={budget}`), energy + "
+            "forces + stress:",
+            "",
+            "| scaling | atoms | devices | owned + halo rows | edges/device | arguments MB | temporaries MB "
+            "| total MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in mem:
+            out.append(
+                f"| {r['scaling']} | {r['atoms']:,} | {r['devices']} | {r['owned']:,} + {r['halo']:,} | "
+                f"{r['edges']:,} | {_mb(r['argument'])} | {_mb(r['temp'])} | {_mb(r['total'])} |"
+            )
+        out.append("")
+    if md_json:
+        md = json.loads(pathlib.Path(md_json).read_text())
+        out += [
+            "`uma-eqx md --engine jax-md --ensemble nve` (built-in model, cell-list neighbour list), "
+            f"{md['machine']['cpus']} CPU cores:",
+            "",
+            "| atoms | peak memory GB | kB per atom | s per step | wall s (start, allocation, compile, steps) |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for r in md["rows"]:
+            step = f"{r['seconds_per_step']:.2f}" if r["seconds_per_step"] else "n/a"
+            out.append(
+                f"| {r['atoms']:,} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['bytes_per_atom'] / 1e3:.1f} | {step} "
+                f"| {r['wall_seconds']:.0f} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["volume", "memory"])
+    parser.add_argument("what", choices=["volume", "memory", "table"])
     parser.add_argument("--atoms", default="10000,100000,1000000", help="volume: target sizes")
     parser.add_argument("--devices", default=None, help="device counts (volume: 8,64,256; memory: 1,2,4,8)")
     parser.add_argument("--methods", default="morton,slab", help="volume: partition methods")
@@ -185,6 +282,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args(argv)
+    if args.what == "table":  # the docs page's tables from the JSON files under docs/assets/scaling
+        folder = pathlib.Path(__file__).parent.parent / "docs" / "assets" / "scaling"
+        memories = sorted(str(p) for p in folder.glob("memory*.json"))
+        md = folder / "md.json"
+        print(table(str(folder / "volume.json"), memories, str(md) if md.exists() else None))
+        return
     if args.what == "volume":
         devices = [int(d) for d in (args.devices or "8,64,256").split(",")]
         rows = volume([int(a) for a in args.atoms.split(",")], devices, args.methods.split(","))
