@@ -121,21 +121,29 @@ class AbstractGraphExchange(eqx.Module):
     - `system_sum`: per-system sums (atom counts,
       the charge/spin channel sums of `_balance_channels`, energies) are summed over parts.
 
+    A part's local graph holds its `owned` rows first; every edge's target is among them. The
+    blocks update only those rows (the halo rows are message sources, refreshed before each
+    block), so the backbone's output has `owned` rows.
+
     `None` (the default of [`UMABackbone.__call__`][]) is one part holding everything. With
     an exchange, the backbone does not run [`uma_eqx.AtomicGraph.checked`][] on its part
     (its run-time error branch cannot live inside `shard_map`): the caller checks the whole
     graph once.
     """
 
+    #: Rows of the local graph this part owns (the first rows; every edge targets one of them).
+    owned: eqx.AbstractVar[int]
+
     @abc.abstractmethod
-    def refresh(self, x: Float[Array, "atoms ..."]) -> Float[Array, "atoms ..."]:
+    def refresh(self, x: Float[Array, "atoms ..."]) -> Float[Array, "rows ..."]:
         """**Arguments:**
 
-        - `x`: per-row values of the local graph (owned rows first, then halo rows).
+        - `x`: per-row values of the local graph, owned rows first (any rows after the
+          `owned` ones are ignored).
 
         **Returns:**
 
-        `x` with every halo row replaced by its owner's row.
+        `(owned + halo, ...)`: the owned rows, then every halo row from its owner.
         """
 
     @abc.abstractmethod
@@ -276,8 +284,8 @@ class UMABackbone(eqx.Module):
 
         **Returns:**
 
-        `(atoms, (lmax+1)**2, sphere_channels)` node features (with an `exchange`, the halo
-        rows are stale: only owned rows are final).
+        `(atoms, (lmax+1)**2, sphere_channels)` node features (with an `exchange`, only the
+        `exchange.owned` rows of this part).
         """
         cfg = self.config
         dtype = self.sphere_embedding.dtype
@@ -323,10 +331,12 @@ class UMABackbone(eqx.Module):
         natoms = jax.ops.segment_sum(graph.atom_mask.astype(dtype), graph.system_index, num_segments=num_systems)
         if exchange is not None:
             natoms = exchange.system_sum(natoms)
+        targets = None
         for block in blocks:
             if exchange is not None:  # the sources' rows, complete, from their owners
                 x = exchange.refresh(x)
-            x = block(x, atom_csd, frame, routing, settings)
+                targets = exchange.owned  # the block updates the owned rows only
+            x = block(x, atom_csd, frame, routing, settings, targets)
             x = self._balance_channels(x, graph, natoms, exchange)
         return self.norm(x)
 
@@ -340,10 +350,12 @@ class UMABackbone(eqx.Module):
         ):
             if end <= start:
                 continue
+            rows = x.shape[0]  # all atoms, or a part's owned rows (the first ones)
+            mask, system_index = graph.atom_mask[:rows], graph.system_index[:rows]
             ch = x[:, 0, start:end]
-            sums = jax.ops.segment_sum(ch * graph.atom_mask[:, None], graph.system_index, num_segments=natoms.shape[0])
+            sums = jax.ops.segment_sum(ch * mask[:, None], system_index, num_segments=natoms.shape[0])
             if exchange is not None:
                 sums = exchange.system_sum(sums)
             corr = (sums - target[:, None].astype(x.dtype)) / jnp.where(natoms > 0, natoms, 1)[:, None]
-            x = x.at[:, 0, start:end].set(ch - corr[graph.system_index])
+            x = x.at[:, 0, start:end].set(ch - corr[system_index])
         return x

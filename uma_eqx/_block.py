@@ -362,7 +362,8 @@ class Edgewise(eqx.Module):
         frame: EdgeFrame,
         routing: MoLERouting | None,
         settings: ExecutionSettings = DEFAULT_SETTINGS,
-    ) -> Float[Array, "atoms coeffs channels"]:
+        targets: int | None = None,
+    ) -> Float[Array, "targets coeffs channels"]:
         """Sum of the messages of each atom's incoming edges.
 
         **Arguments:**
@@ -371,10 +372,12 @@ class Edgewise(eqx.Module):
         - `frame`: every edge of the graph.
         - `routing`: MoLE coefficients and edges per system (`None` for plain linears).
         - `settings`: chunk size, residual budget and Gauss form.
+        - `targets`: only the first `targets` rows receive messages (every edge's target is
+          below it: a partitioned graph's owned rows); `None` for all rows.
 
         **Returns:**
 
-        `(atoms, coeffs, sphere_channels)`.
+        `(targets, coeffs, sphere_channels)` (`targets = atoms` when `None`).
         """
         with jax.named_scope("edgewise"):
             num_edges = frame.source.shape[0]
@@ -422,8 +425,12 @@ class Edgewise(eqx.Module):
             policy = jax.checkpoint_policies.save_only_these_names(*saved)
             messages = jax.checkpoint(system_messages, prevent_cse=False, policy=policy)
 
+            rows = x.shape[0] if targets is None else targets
             return scatter_chunks(
-                lambda chunk, system: messages(weights, x, chunk, system), chunks, chunk_systems, jnp.zeros_like(x)
+                lambda chunk, system: messages(weights, x, chunk, system),
+                chunks,
+                chunk_systems,
+                jnp.zeros((rows, *x.shape[1:]), x.dtype),
             )
 
 
@@ -599,7 +606,8 @@ class UMABlock(eqx.Module):
         frame: EdgeFrame,
         routing: MoLERouting | None,
         settings: ExecutionSettings = DEFAULT_SETTINGS,
-    ) -> Float[Array, "atoms coeffs channels"]:
+        targets: int | None = None,
+    ) -> Float[Array, "targets coeffs channels"]:
         """**Arguments:**
 
         - `x`: `(atoms, coeffs, channels)` node features.
@@ -608,13 +616,19 @@ class UMABlock(eqx.Module):
         - `frame`: the graph's edges.
         - `routing`: MoLE coefficients (`None` for plain or merged models).
         - `settings`: how the edgewise layer runs.
+        - `targets`: update only the first `targets` rows (every edge's target is below it);
+          the other rows are message sources only. A partitioned graph's halo rows are
+          replaced before the next block anyway, so their feed-forward work would be wasted.
+          `None` for all rows.
 
         **Returns:**
 
-        `(atoms, coeffs, channels)` updated features.
+        `(targets, coeffs, channels)` updated features (`targets = atoms` when `None`).
         """
         with jax.named_scope("uma_block"):
             h = self.norm_1(x)
             h = h.at[:, 0, :].add(system_embedding)
-            x = x + self.edge_wise(h, frame, routing, settings)
+            if targets is not None:
+                x = x[:targets]
+            x = x + self.edge_wise(h, frame, routing, settings, targets)
             return x + self.atom_wise(self.norm_2(x))

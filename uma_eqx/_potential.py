@@ -64,14 +64,13 @@ class UMA(eqx.Module):
         """True once the backbone experts were merged for a fixed composition."""
         return self.backbone.router is None and self.config.num_experts > 0
 
-    def head_routing(self, graph: AtomicGraph, num_heads: int) -> MoLERouting | None:
+    def head_routing(self, graph: AtomicGraph, num_heads: int, rows: int | None = None) -> MoLERouting | None:
         if self.config.head_dataset_experts is None:
             return None
         expert = jnp.asarray(self.config.head_dataset_experts)[graph.dataset_index]
         coefficients = jax.nn.one_hot(expert, num_heads, dtype=self.dtype)
-        sizes = jax.ops.segment_sum(
-            jnp.ones_like(graph.system_index), graph.system_index, num_segments=graph.charge.shape[0]
-        )
+        system_index = graph.system_index[:rows]  # the head's rows: all atoms, or a part's owned rows
+        sizes = jax.ops.segment_sum(jnp.ones_like(system_index), system_index, num_segments=graph.charge.shape[0])
         return MoLERouting(coefficients, sizes)
 
     def node_energies(
@@ -93,7 +92,10 @@ class UMA(eqx.Module):
         """
         features = self.backbone(graph, roll, strain=strain, settings=settings, exchange=exchange)
         num_heads = 0 if self.config.head_dataset_experts is None else self.config.num_head_experts
-        e_atom = self.energy_head(features, self.head_routing(graph, num_heads))
+        rows = features.shape[0]  # all atoms, or (with an exchange) the part's owned rows
+        e_atom = self.energy_head(features, self.head_routing(graph, num_heads, rows))
+        if exchange is not None:  # a part's halo rows carry no energy
+            e_atom = jnp.zeros(graph.atomic_numbers.shape, e_atom.dtype).at[:rows].set(e_atom)
         return jnp.where(graph.atom_mask, e_atom, 0.0), features
 
     @eqx.filter_jit
