@@ -236,7 +236,10 @@ def energy_and_neighbor_fns(
         (see [`uma_eqx.parallel.energy_forces_stress_sharded`][], the same per-device model
         call), all in capacities fixed at `allocate`. The neighbour function is then a
         [`uma_eqx.jax_md.ShardedNeighborFn`][]; `-grad` and the stress through `perturbation`
-        go through the collectives. Needs the experts merged (`merge=True`).
+        go through the collectives. Needs the experts merged (`merge=True`). Where the
+        single-device energy raises (an overflowed list, an atom above `max_neighbors`), this
+        energy and its gradient are NaN (an error cannot be raised from inside a multi-device
+        program), so [`uma_eqx.jax_md.run`][] stops with `FloatingPointError`.
     - `exchange`: with `devices`, how halo rows travel: `"halo"` (ppermute rounds, fixed rows
         per round) or `"all_gather"`.
     - `partition`: with `devices`, how atoms are assigned: `"morton"` (Z-order blocks) or
@@ -369,8 +372,7 @@ def _sharded_md_energy(
     box,
     perturbation,
 ) -> Float[Array, ""]:
-    """The graph-parallel JAX-MD energy (one program: the whole-graph checks and the sharded model)."""
-    cfg = model.config
+    """The graph-parallel JAX-MD energy (one program: the whole graph's edge mask and the sharded model)."""
     fns = neighbor_fn.fns
     positions, cell = neighbor_fn.cartesian(jnp.asarray(R), box)
     candidates = neighbor.neighbors
@@ -389,8 +391,10 @@ def _sharded_md_energy(
         edge_mask=candidates.edge_mask,
         system_mask=template.system_mask,
     )
-    # the whole graph is checked once here (the devices' parts are not: see AbstractGraphExchange)
-    graph = graph.checked(cfg.max_num_elements, len(cfg.datasets))
+    # No `graph.checked` / `eqx.error_if` here: an error raised inside a multi-device program
+    # stops one device's thread while the others wait in a collective (the process hangs, then
+    # aborts). The graph is valid by construction (the template was checked at construction, the
+    # list's indices are in range); a list that cannot be evaluated poisons the energy instead.
     mask, over_cap = fns.graph_mask(candidates, graph.edge_vectors(far))
     dtype = positions.dtype
     strain = jnp.zeros((1, 3, 3), dtype) if perturbation is None else _strain(perturbation, dtype)
@@ -398,18 +402,9 @@ def _sharded_md_energy(
         model, mesh, exchange, settings, neighbor, graph.positions, mask, graph.cell,
         template.charge, template.spin, template.dataset_index, strain,
     )  # fmt: skip
-    energy = eqx.error_if(
-        energy,
-        over_cap,
-        f"an atom has more than max_neighbors={cfg.max_neighbors} neighbours within the cutoff; "
-        "fairchem then caps its neighbours, which the in-jit list does not do: use UMACalculator",
-    )
-    return eqx.error_if(
-        energy,
-        neighbor.did_buffer_overflow,
-        "neighbour buffer or a device's partition capacity overflowed: reallocate with neighbor_fn.allocate "
-        "(uma_eqx.jax_md.run does it)",
-    )
+    # NaN energy and forces (so `run` stops at once) for an overflowed list or an atom above
+    # max_neighbors (see the single-device energy_fn's errors)
+    return energy * jnp.where(over_cap | neighbor.did_buffer_overflow, jnp.nan, 1.0)
 
 
 #: Reallocations of the neighbour list in a row (one chunk rerun each) before `run` gives up:
@@ -458,7 +453,7 @@ def run(
     observe_last: bool = False,
     box_fn: Callable[[Any], Array] | None = None,
     callback: Callable[[int, Any, Any], None] | None = None,
-) -> tuple[Any, NeighborList, list]:
+) -> tuple[Any, NeighborList | ShardedNeighborList, list]:
     """Run `num_steps` MD steps on the device, `steps_per_chunk` at a time under `lax.scan`.
 
     Each step is `state = step_fn(state, neighbors)` followed by a neighbour-list update. After
@@ -517,16 +512,8 @@ def run(
                 )
             # Size the list where it overflowed (the cell there may need more images), then
             # bring it up to date at the chunk's start, where the rerun begins.
-            if isinstance(neighbor_fn, ShardedNeighborFn):  # grow every capacity it met
-                neighbors = neighbor_fn.reallocate(
-                    new_state.position, new_nbrs, None if box_fn is None else box_fn(new_state)
-                )
-            else:
-                extra = max(math.ceil(neighbors.capacity * (neighbor_fn.fns.capacity_multiplier - 1.0)), 16)
-                neighbors = neighbor_fn.allocate(
-                    new_state.position, None if box_fn is None else box_fn(new_state), extra_capacity=extra
-                )
-            neighbors = neighbor_fn.update(state.position, neighbors, None if box_fn is None else box_fn(state))
+            new_box, box = (None, None) if box_fn is None else (box_fn(new_state), box_fn(state))
+            neighbors = _reallocate(neighbor_fn, neighbors, new_nbrs, new_state.position, new_box, state.position, box)
             continue
         reallocations = 0
         if not bool(jnp.all(jnp.isfinite(new_state.position))):
@@ -545,3 +532,27 @@ def run(
         if callback is not None:
             callback(done, state, outs)
     return state, neighbors, observations
+
+
+def _reallocate(
+    neighbor_fn: "UMANeighborFn | ShardedNeighborFn",
+    neighbors: NeighborList | ShardedNeighborList,
+    overflowed: NeighborList | ShardedNeighborList,
+    positions: Float[Array, "atoms 3"],
+    box: Array | None,
+    start_positions: Float[Array, "atoms 3"],
+    start_box: Array | None,
+) -> NeighborList | ShardedNeighborList:
+    """`run`'s larger list: sized at `positions` (and `box`), where `overflowed` (grown from
+    `neighbors`) overflowed, then brought up to date at the chunk's start."""
+    if isinstance(neighbor_fn, ShardedNeighborFn) and isinstance(overflowed, ShardedNeighborList):
+        grown = neighbor_fn.reallocate(positions, overflowed, box)  # grows every capacity it met
+        return neighbor_fn.update(start_positions, grown, start_box)
+    if isinstance(neighbor_fn, UMANeighborFn) and isinstance(neighbors, NeighborList):
+        extra = max(math.ceil(neighbors.capacity * (neighbor_fn.fns.capacity_multiplier - 1.0)), 16)
+        grown = neighbor_fn.allocate(positions, box, extra_capacity=extra)
+        return neighbor_fn.update(start_positions, grown, start_box)
+    raise ValueError(
+        f"neighbors is a {type(neighbors).__name__} but neighbor_fn a {type(neighbor_fn).__name__}: pass the "
+        "list that this neighbor_fn.allocate made"
+    )

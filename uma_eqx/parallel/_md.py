@@ -34,6 +34,11 @@ from ._partition import PartitionCapacity, PartitionMethod
 #: the key needs no 64-bit integers (our choice: 1024 steps per axis order atoms that are more
 #: than 1/1000 of the box apart; ties keep atom order, which only moves a boundary by one atom).
 _MORTON_BITS_JNP = 10
+#: Rows (and edges) added on top of `capacity_multiplier x peak` to every capacity of a list
+#: reallocated after an overflow, as `uma_eqx.jax_md.run` adds 16 candidate slots: with a
+#: multiplier of 1 the list would otherwise regrow to the exact peak and overflow again at the
+#: next new neighbour (each reallocation is a recompilation). Our choice.
+REALLOCATION_HEADROOM = 4
 
 
 def _spread_bits_jnp(v: Int[Array, " atoms"]) -> Int[Array, " atoms"]:
@@ -174,6 +179,36 @@ class GraphPartitioner:
         if not self.capacity_multiplier >= 1.0:
             raise ValueError(f"capacity_multiplier must be >= 1, got {self.capacity_multiplier!r}.")
 
+    def needs(self, neighbors: NeighborList) -> tuple[Array, ...]:
+        """The owners of the atoms and what each device needs, whatever the capacities (jit-able).
+
+        **Arguments:**
+
+        - `neighbors`: the candidate list (the owners follow from its reference positions).
+
+        **Returns:**
+
+        `(owner, edge_device, edge_counts, needed, shift, halo_counts)`: `(atoms,)` owners;
+        `(candidates,)` device of each candidate edge (`devices` for unused slots); `(devices,)`
+        edges per device; `(devices, atoms)` whether the device needs the atom in its halo and
+        the round shift it would come in (`(device - owner) % devices`); `(devices, devices)`
+        halo rows per device and shift.
+        """
+        d = self.num_devices
+        num_atoms = neighbors.reference_positions.shape[0]
+        devices = jnp.arange(d, dtype=jnp.int32)[:, None]
+        owner = assign_atoms_jit(neighbors.reference_positions, neighbors.reference_cell, self.pbc, d, self.method)
+        source, target = neighbors.edge_index[0], neighbors.edge_index[1]
+        edge_device = jnp.where(neighbors.edge_mask, owner[target], d)
+        edge_counts = jnp.bincount(edge_device, length=d + 1)[:d]
+        # halo: remote sources of every candidate edge (also those past the edge capacity)
+        remote = neighbors.edge_mask & (owner[source] != owner[target])
+        receiver = jnp.where(remote, owner[target], d)
+        needed = jnp.zeros((d, num_atoms), bool).at[receiver, source].set(True, mode="drop")
+        shift = (devices - owner[None, :]) % d
+        halo_counts = jax.vmap(lambda n, s: jax.ops.segment_sum(n.astype(jnp.int32), s, num_segments=d))(needed, shift)
+        return owner, edge_device, edge_counts, needed, shift, halo_counts
+
     def partition(
         self, neighbors: NeighborList, atomic_numbers: Int[Array, " atoms"], capacity: PartitionCapacity,
         previous: ShardedNeighborList | None = None,
@@ -196,7 +231,7 @@ class GraphPartitioner:
         oc, ec, hc = capacity.owned, capacity.edges, capacity.halo
         devices = jnp.arange(d, dtype=jnp.int32)[:, None]
         atoms = jnp.arange(num_atoms, dtype=jnp.int32)
-        owner = assign_atoms_jit(neighbors.reference_positions, neighbors.reference_cell, self.pbc, d, self.method)
+        owner, edge_device, edge_counts, needed, shift, halo_counts = self.needs(neighbors)
 
         # owned rows: each device's atoms in increasing index (edges sorted by target stay sorted)
         by_owner = jnp.argsort(owner, stable=True).astype(jnp.int32)
@@ -209,22 +244,14 @@ class GraphPartitioner:
         # edges: the candidates whose target the device owns, in the list's order
         source, target = neighbors.edge_index[0], neighbors.edge_index[1]
         num_candidates = source.shape[0]
-        edge_device = jnp.where(neighbors.edge_mask, owner[target], d)
         by_device = jnp.argsort(edge_device, stable=True).astype(jnp.int32)
-        edge_counts = jnp.bincount(edge_device, length=d + 1)[:d]
         edge_starts = jnp.cumsum(edge_counts) - edge_counts
         edge_valid = jnp.arange(ec)[None, :] < edge_counts[:, None]
         slots = jnp.clip(edge_starts[:, None] + jnp.arange(ec), 0, num_candidates - 1)
         candidate = jnp.where(edge_valid, by_device[slots], 0)
         src, tgt = source[candidate], target[candidate]
 
-        # halo: remote sources of every candidate (also those past the edge capacity, so that
-        # the peaks are right), by round (shift = receiver - owner), then atom index
-        remote = neighbors.edge_mask & (owner[source] != owner[target])
-        receiver = jnp.where(remote, owner[target], d)
-        needed = jnp.zeros((d, num_atoms), bool).at[receiver, source].set(True, mode="drop")
-        shift = (devices - owner[None, :]) % d
-        halo_counts = jax.vmap(lambda n, s: jax.ops.segment_sum(n.astype(jnp.int32), s, num_segments=d))(needed, shift)
+        # halo rows: by round (in `capacity.rounds` order), then atom index
         allowed = np.zeros(d, np.int64)
         for k, rows in capacity.rounds:
             allowed[k] = rows
@@ -276,7 +303,7 @@ class GraphPartitioner:
 
     def capacity_for(
         self, num_atoms: int, peak_edges: int, peak_halo: Int[np.ndarray, " devices"],
-        at_least: PartitionCapacity | None = None,
+        at_least: PartitionCapacity | None = None, headroom: int = 0,
     ) -> PartitionCapacity:  # fmt: skip
         """Capacities with `capacity_multiplier` head-room over the given peaks (host).
 
@@ -286,6 +313,7 @@ class GraphPartitioner:
         - `peak_edges`: the most edges one device needed.
         - `peak_halo`: `(devices,)` the most halo rows one device needed per round shift.
         - `at_least`: a capacity to grow from (the result fits it too).
+        - `headroom`: edges and rows added to every edge and halo capacity.
 
         **Returns:**
 
@@ -293,11 +321,12 @@ class GraphPartitioner:
         """
         grow = self.capacity_multiplier
         rounds = tuple(
-            (k, math.ceil(int(rows) * grow)) for k, rows in enumerate(np.asarray(peak_halo)) if k >= 1 and rows > 0
+            (k, math.ceil(int(rows) * grow) + headroom)
+            for k, rows in enumerate(np.asarray(peak_halo))
+            if k >= 1 and rows > 0
         )
-        capacity = PartitionCapacity(
-            max(1, math.ceil(num_atoms / self.num_devices)), max(1, math.ceil(int(peak_edges) * grow)), rounds
-        )
+        owned = max(1, math.ceil(num_atoms / self.num_devices))
+        capacity = PartitionCapacity(owned, max(1, math.ceil(int(peak_edges) * grow) + headroom), rounds)
         return capacity if at_least is None else capacity.union(at_least)
 
     def allocate(
@@ -309,16 +338,21 @@ class GraphPartitioner:
 
         - `neighbors`: a freshly allocated candidate list.
         - `atomic_numbers`: `(atoms,)` atomic numbers.
-        - `previous`: an overflowed list to grow from (its capacities and peaks are covered).
+        - `previous`: an overflowed list to grow from (its capacities and peaks are covered,
+          with `REALLOCATION_HEADROOM` more edges and rows).
 
         **Returns:**
 
         The partitioned list, with `capacity_multiplier` head-room on edges and halo rows.
         """
         num_atoms = neighbors.reference_positions.shape[0]
-        probe = _partition_jit(self, neighbors, atomic_numbers, PartitionCapacity(1, 1, ()), previous)
-        at_least = None if previous is None else previous.capacity
-        capacity = self.capacity_for(num_atoms, int(probe.peak_edges), np.asarray(probe.peak_halo), at_least)
+        peak_edges, peak_halo = _peaks_jit(self, neighbors)
+        at_least, headroom = None, 0
+        if previous is not None:
+            at_least, headroom = previous.capacity, REALLOCATION_HEADROOM
+            peak_edges = jnp.maximum(peak_edges, previous.peak_edges)
+            peak_halo = jnp.maximum(peak_halo, previous.peak_halo)
+        capacity = self.capacity_for(num_atoms, int(peak_edges), np.asarray(peak_halo), at_least, headroom)
         return _partition_jit(self, neighbors, atomic_numbers, capacity, None)
 
     def update(
@@ -345,6 +379,12 @@ class GraphPartitioner:
             lambda: self.partition(neighbors, atomic_numbers, previous.capacity, previous),
             lambda: eqx.tree_at(lambda s: s.neighbors, previous, neighbors),
         )
+
+
+@eqx.filter_jit
+def _peaks_jit(partitioner: GraphPartitioner, neighbors: NeighborList) -> tuple[Int[Array, ""], Int[Array, " devices"]]:
+    _, _, edge_counts, _, _, halo_counts = partitioner.needs(neighbors)
+    return jnp.max(edge_counts), jnp.max(halo_counts, axis=0)
 
 
 @eqx.filter_jit
