@@ -122,7 +122,7 @@ class ShardedNeighborFn(eqx.Module):
     """JAX-MD-style `allocate`/`update` of a neighbour list partitioned over devices.
 
     The list of a [`uma_eqx.jax_md.UMANeighborFn`][] (`base`), re-partitioned over the
-    devices at every rebuild by `partitioner` (see [`uma_eqx.parallel.GraphPartitioner`][]):
+    devices at every rebuild by `partitioner` (see `uma_eqx.parallel._md.GraphPartitioner`):
     atoms are re-assigned to devices, so those that crossed a partition boundary migrate.
     Exceeding the candidate buffer or any per-device capacity (edges, halo rows per round)
     sets `did_buffer_overflow`; [`uma_eqx.jax_md.run`][] then grows the capacities and reruns
@@ -155,7 +155,7 @@ class ShardedNeighborFn(eqx.Module):
 
         **Returns:**
 
-        The [`uma_eqx.parallel.ShardedNeighborList`][], with `capacity_multiplier` head-room on
+        The `uma_eqx.parallel._md.ShardedNeighborList`, with `capacity_multiplier` head-room on
         the candidates and on every device's edges and halo rows.
         """
         neighbors = self.base.allocate(positions, box, extra_capacity)
@@ -233,9 +233,9 @@ def energy_and_neighbor_fns(
         a 1-D mesh of them. The candidate list (searched on every device alike) is partitioned
         at every rebuild: atoms are re-assigned to devices by `partition`, each device
         evaluates the edges whose target it owns and refreshes its halo before every block
-        (see [`uma_eqx.parallel.energy_forces_stress_sharded`][], the same per-device model
+        (see `uma_eqx.parallel.energy_forces_stress_sharded`, the same per-device model
         call), all in capacities fixed at `allocate`. The neighbour function is then a
-        [`uma_eqx.jax_md.ShardedNeighborFn`][]; `-grad` and the stress through `perturbation`
+        `uma_eqx.jax_md.ShardedNeighborFn`; `-grad` and the stress through `perturbation`
         go through the collectives. Needs the experts merged (`merge=True`). Where the
         single-device energy raises (an overflowed list, an atom above `max_neighbors`), this
         energy and its gradient are NaN (an error cannot be raised from inside a multi-device

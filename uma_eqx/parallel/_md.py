@@ -235,7 +235,7 @@ class GraphPartitioner:
 
         # owned rows: each device's atoms in increasing index (edges sorted by target stay sorted)
         by_owner = jnp.argsort(owner, stable=True).astype(jnp.int32)
-        counts = jnp.bincount(owner, length=d)
+        counts = jnp.bincount(owner, length=d).astype(jnp.int32)
         starts = jnp.cumsum(counts) - counts
         local_row = jnp.zeros(num_atoms, jnp.int32).at[by_owner].set(atoms - starts[owner[by_owner]])
         owned_mask = jnp.arange(oc)[None, :] < counts[:, None]
