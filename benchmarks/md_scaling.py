@@ -68,6 +68,14 @@ def run_one(atoms: ase.Atoms, steps: int, model: str | None, workdir: pathlib.Pa
     }
 
 
+def save(path: str, rows: list[dict]) -> None:
+    """Write the rows and the machine to `path` (JSON)."""
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--atoms", default="1000,4000,16000", help="comma-separated target sizes")
@@ -81,6 +89,8 @@ def main(argv=None) -> None:
         for target in (int(a) for a in args.atoms.split(",")):
             row = run_one(crystal(target), args.steps, args.model, pathlib.Path(tmp))
             rows.append(row)
+            if args.json:  # after every size: a long run that is stopped keeps what it measured
+                save(args.json, rows)
             step = f"{row['seconds_per_step']:8.2f}" if row["seconds_per_step"] else f"{'n/a':>8}"
             print(
                 f"{row['atoms']:8d} {row['peak_rss_bytes'] / 1e9:8.2f} {row['bytes_per_atom'] / 1e3:8.1f} "
@@ -91,11 +101,6 @@ def main(argv=None) -> None:
         a, b = rows[0], rows[-1]
         marginal = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (b["atoms"] - a["atoms"])
         print(f"marginal memory {marginal / 1e3:.1f} kB/atom between {a['atoms']} and {b['atoms']} atoms")
-    if args.json:
-        machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
-        out = pathlib.Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

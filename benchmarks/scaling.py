@@ -177,14 +177,24 @@ NVLINK_BYTES_PER_S = 450e9
 INFINIBAND_BYTES_PER_S = 50e9
 #: GPUs per node (HGX H100/H200): up to this many devices, traffic stays on NVLink.
 GPUS_PER_NODE = 8
+#: Seconds per collective round (message latency), an assumption of the model (order of NCCL's
+#: small-message latency between nodes).
+ROUND_LATENCY_S = 10e-6
+#: Compute time of one uma-s MD step with 4,000 atoms on one H200, an anchor of the model:
+#: fairchem's published weak scaling, 0.67 ns/day at 32k atoms on 8 H200 (4k atoms per GPU),
+#: read with an assumed 1 fs timestep (86,400 s / 670,000 steps), communication included.
+ANCHOR_STEP_S = 86400 / 670_000
+ANCHOR_ATOMS = 4000
 
 
 def _mb(b: float) -> str:
     return f"{b / 1e6:,.1f}"
 
 
-def table(volume_json: str, memory_jsons: list[str], md_json: str | None) -> str:
-    """The scaling page's tables (markdown) from this script's and md_scaling.py's JSON files."""
+def table(volume_json: str, memory_jsons: list[str], md_json: str | None) -> dict[str, str]:
+    """The scaling page's tables (markdown) from this script's and md_scaling.py's JSON files:
+    `{"VOLUME": ..., "COMM": ..., "MODEL": ..., "MEMORY": ..., "MD": ...}`."""
+    sections: dict[str, str] = {}
     out = []
     rows = json.loads(pathlib.Path(volume_json).read_text())["rows"]
     by = {(r["atoms"], r["devices"], r["method"]): r for r in rows}
@@ -207,6 +217,7 @@ def table(volume_json: str, memory_jsons: list[str], md_json: str | None) -> str
                 f"| {_mb(m[shape]['fairchem_all_gather_per_device'])} |"
             )
         out.append("")
+    sections["VOLUME"], out = "\n".join(out), []
     out += [
         "Modelled communication time per MD step (energy and forces: each layer's exchange forward and its "
         f"transpose backward, `2 x layers` exchanges), no overlap with compute, at {NVLINK_BYTES_PER_S / 1e9:.0f} "
@@ -229,6 +240,34 @@ def table(volume_json: str, memory_jsons: list[str], md_json: str | None) -> str
                 f"| {ms(m[shape]['halo_needed_max_per_device'])} | {ms(m[shape]['fairchem_all_gather_per_device'])} |"
             )
     out.append("")
+    sections["COMM"], out = "\n".join(out), []
+    out += [
+        "Modelled time per uma-s MD step: compute scaled linearly from the anchor "
+        f"({ANCHOR_STEP_S * 1e3:.0f} ms for {ANCHOR_ATOMS:,} atoms per device, see above), plus communication "
+        f"(bytes at the bandwidths above and {ROUND_LATENCY_S * 1e6:.0f} µs per round: `2 x layers x rounds` rounds "
+        "for the halo exchange, `2 x layers x log2(devices)` for a ring/tree all-gather), no overlap; "
+        "efficiency = compute / (compute + communication):",
+        "",
+        "| atoms | devices | atoms/device | compute | uma_eqx halo: comm, efficiency | "
+        "halo rows alone, one round per neighbour: comm, efficiency | fairchem all-gather: comm, efficiency |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    layers = SHAPES["uma-s"][2]
+    for atoms, devices in sorted({(r["atoms"], r["devices"]) for r in rows}):
+        m = by[(atoms, devices, "morton")]
+        bw = NVLINK_BYTES_PER_S if devices <= GPUS_PER_NODE else INFINIBAND_BYTES_PER_S
+        compute = ANCHOR_STEP_S * m["owned_max"] / ANCHOR_ATOMS
+        v = m["uma-s"]
+        neighbours = min(m["halo_rounds"], 26)  # a 3-D block has at most 26 neighbouring blocks
+        comms = [
+            2 * layers * (v["halo_padded_per_device"] / bw + m["halo_rounds"] * ROUND_LATENCY_S),
+            2 * layers * (v["halo_needed_max_per_device"] / bw + neighbours * ROUND_LATENCY_S),
+            2 * layers * (v["fairchem_all_gather_per_device"] / bw + np.log2(devices) * ROUND_LATENCY_S),
+        ]
+        cells = " | ".join(f"{c * 1e3:,.1f} ms, {compute / (compute + c):.0%}" for c in comms)
+        out.append(f"| {atoms:,} | {devices} | {m['owned_max']:,} | {compute * 1e3:,.1f} ms | {cells} |")
+    out.append("")
+    sections["MODEL"], out = "\n".join(out), []
     for path in memory_jsons:
         mem = json.loads(pathlib.Path(path).read_text())["rows"]
         budget = mem[0]["residual_budget_bytes"]
@@ -246,6 +285,7 @@ def table(volume_json: str, memory_jsons: list[str], md_json: str | None) -> str
                 f"{r['edges']:,} | {_mb(r['argument'])} | {_mb(r['temp'])} | {_mb(r['total'])} |"
             )
         out.append("")
+    sections["MEMORY"], out = "\n".join(out), []
     if md_json:
         md = json.loads(pathlib.Path(md_json).read_text())
         out += [
@@ -262,7 +302,8 @@ def table(volume_json: str, memory_jsons: list[str], md_json: str | None) -> str
                 f"| {r['wall_seconds']:.0f} |"
             )
         out.append("")
-    return "\n".join(out)
+    sections["MD"] = "\n".join(out)
+    return sections
 
 
 def main(argv=None) -> None:
@@ -286,7 +327,8 @@ def main(argv=None) -> None:
         folder = pathlib.Path(__file__).parent.parent / "docs" / "assets" / "scaling"
         memories = sorted(str(p) for p in folder.glob("memory*.json"))
         md = folder / "md.json"
-        print(table(str(folder / "volume.json"), memories, str(md) if md.exists() else None))
+        sections = table(str(folder / "volume.json"), memories, str(md) if md.exists() else None)
+        print("\n".join(sections.values()))
         return
     if args.what == "volume":
         devices = [int(d) for d in (args.devices or "8,64,256").split(",")]
