@@ -519,7 +519,13 @@ def run(
         if not bool(jnp.all(jnp.isfinite(new_state.position))):
             raise FloatingPointError(
                 f"positions became NaN/inf between steps {done} and {done + length}; reduce the "
-                "timestep or check the starting structure (overlapping atoms?)."
+                "timestep or check the starting structure (overlapping atoms?)"
+                + (
+                    ". With devices=, the energy is also NaN when an atom has more than max_neighbors "
+                    "neighbours within the cutoff (a multi-device program cannot raise that error itself)."
+                    if isinstance(neighbors, ShardedNeighborList)
+                    else "."
+                )
             )
         if outs is not None:
             if observe_last:

@@ -155,7 +155,13 @@ def _local_energy(
     """One device's part (inside `shard_map`): its local graph through the whole model."""
     t = jax.tree.map(lambda a: a[0], tables)
     exchange = HaloExchange(
-        t.halo_source, t.send_rows, capacity.owned, tuple(k for k, _ in capacity.rounds), num_devices, mode, GRAPH_AXIS
+        halo_source=t.halo_source,
+        send_rows=t.send_rows,
+        owned=capacity.owned,
+        shifts=tuple(k for k, _ in capacity.rounds),
+        num_devices=num_devices,
+        mode=mode,
+        axis_name=GRAPH_AXIS,
     )
     local_positions = exchange.refresh(positions)
     rows = local_positions.shape[0]
