@@ -189,6 +189,27 @@ class ShardedNeighborFn(eqx.Module):
         return self.partitioner.update(rebuilt, neighbors, self.atomic_numbers)
 
 
+def _candidate_graph(neighbor_fn, template: AtomicGraph, R, neighbor: NeighborList, box) -> AtomicGraph:
+    """The graph of JAX-MD coordinates `R` on `neighbor`'s candidate edges (edge mask not yet cut
+    to the cutoff: see `NeighborListFns.graph_mask`), with `template`'s atoms and system."""
+    positions, cell = neighbor_fn.cartesian(jnp.asarray(R), box)
+    positions = neighbor_fn.fns.unwrap(positions, neighbor, cell)  # the images the list was built for
+    return AtomicGraph(
+        positions=positions,
+        atomic_numbers=template.atomic_numbers,
+        system_index=template.system_index,
+        edge_index=neighbor.edge_index,
+        edge_shift=neighbor.edge_shift.astype(positions.dtype),
+        cell=cell[None],
+        charge=template.charge,
+        spin=template.spin,
+        dataset_index=template.dataset_index,
+        atom_mask=template.atom_mask,
+        edge_mask=neighbor.edge_mask,
+        system_mask=template.system_mask,
+    )
+
+
 def energy_and_neighbor_fns(
     model: UMA,
     atoms: ase.Atoms,
@@ -282,22 +303,8 @@ def energy_and_neighbor_fns(
         )
 
     def energy_fn(R, neighbor: NeighborList, box=None, perturbation=None, **unused) -> Float[Array, ""]:
-        positions, cell = neighbor_fn.cartesian(jnp.asarray(R), box)
-        positions = fns.unwrap(positions, neighbor, cell)  # the images the list was built for
-        graph = AtomicGraph(
-            positions=positions,
-            atomic_numbers=template.atomic_numbers,
-            system_index=template.system_index,
-            edge_index=neighbor.edge_index,
-            edge_shift=neighbor.edge_shift.astype(positions.dtype),
-            cell=cell[None],
-            charge=template.charge,
-            spin=template.spin,
-            dataset_index=template.dataset_index,
-            atom_mask=template.atom_mask,
-            edge_mask=neighbor.edge_mask,
-            system_mask=template.system_mask,
-        )
+        graph = _candidate_graph(neighbor_fn, template, R, neighbor, box)
+        positions = graph.positions
         mask, over_cap = fns.graph_mask(neighbor, graph.edge_vectors(far))
         graph = eqx.tree_at(lambda g: g.edge_mask, graph, mask)
         strain = None if perturbation is None else _strain(perturbation, positions.dtype)
@@ -374,23 +381,9 @@ def _sharded_md_energy(
 ) -> Float[Array, ""]:
     """The graph-parallel JAX-MD energy (one program: the whole graph's edge mask and the sharded model)."""
     fns = neighbor_fn.fns
-    positions, cell = neighbor_fn.cartesian(jnp.asarray(R), box)
     candidates = neighbor.neighbors
-    positions = fns.unwrap(positions, candidates, cell)  # the images the list was built for
-    graph = AtomicGraph(
-        positions=positions,
-        atomic_numbers=template.atomic_numbers,
-        system_index=template.system_index,
-        edge_index=candidates.edge_index,
-        edge_shift=candidates.edge_shift.astype(positions.dtype),
-        cell=cell[None],
-        charge=template.charge,
-        spin=template.spin,
-        dataset_index=template.dataset_index,
-        atom_mask=template.atom_mask,
-        edge_mask=candidates.edge_mask,
-        system_mask=template.system_mask,
-    )
+    graph = _candidate_graph(neighbor_fn, template, R, candidates, box)
+    positions = graph.positions
     # No `graph.checked` / `eqx.error_if` here: an error raised inside a multi-device program
     # stops one device's thread while the others wait in a collective (the process hangs, then
     # aborts). The graph is valid by construction (the template was checked at construction, the
