@@ -85,7 +85,8 @@ def _md_step(shared: tuple[UMA, _Integrator], item: tuple[AtomicGraph, _MDState]
     x_new = jnp.where(real, x + dt * v + rnd_pos, 0.0)
     safe_dt = jnp.where(dt > 0, dt, 1.0)
     v = jnp.where(integ.langevin, (x_new - x - rnd_pos) / safe_dt, v)
-    out, over_cap = _evaluate(model, graph, x_new, st.cell, config)
+    out, over_atoms = _evaluate(model, graph, x_new, graph.cell.at[0].set(st.cell), config)
+    over_cap = jnp.any(over_atoms)
     forces = out["forces"]
     v = v + c1 * forces / m - c2 * v + rnd_vel
     momenta = jnp.where(real, v * m, 0.0)

@@ -77,52 +77,58 @@ class FIREParameters:
             raise ValueError(f"FIREParameters.n_min must be an int >= 0, got {self.n_min!r}.")
 
 
-class _Slot(eqx.Module):
-    """One slot's FIRE state (ASE's `FIRE` attributes plus `FrechetCellFilter`'s variables).
+class _PackState(eqx.Module):
+    """FIRE state of one pack: the structures one device relaxes, as the systems of one graph.
 
-    The optimised variables are ASE's filter positions: `x`, the atoms in the undeformed cell
-    (`r = x Fᵀ`), and `log_cell = exp_cell_factor · log F`, with `F` the deformation gradient
-    from `orig_cell` (`cell = orig_cell Fᵀ`). Without cell relaxation `F = 1` and `x = r`.
+    ASE's `FIRE` attributes plus `FrechetCellFilter`'s variables, per atom (rows of the pack's
+    graph) or per system. The optimised variables are ASE's filter positions: `x`, the atoms
+    in the undeformed cell (`r = x Fᵀ`), and `log_cell = exp_cell_factor · log F`, with `F`
+    the deformation gradient from `orig_cell` (`cell = orig_cell Fᵀ`). Without cell
+    relaxation `F = 1` and `x = r`. Unused and padding systems are inactive.
     """
 
     x: Float[Array, "*batch atoms 3"]
-    log_cell: Float[Array, "*batch 3 3"]
     v: Float[Array, "*batch atoms 3"]
-    v_cell: Float[Array, "*batch 3 3"]
-    dt: Float[Array, "*batch"]
-    a: Float[Array, "*batch"]
-    n_pos: Int[Array, "*batch"]  # ASE's `Nsteps`: steps since the last reset
-    steps: Int[Array, "*batch"]  # ASE's `nsteps`: optimizer steps taken
-    started: Bool[Array, "*batch"]  # ASE's `vel is not None`
-    e_last: Float[Array, "*batch"]
     x_last: Float[Array, "*batch atoms 3"]
-    log_cell_last: Float[Array, "*batch 3 3"]
-    orig_cell: Float[Array, "*batch 3 3"]
-    exp_cell_factor: Float[Array, "*batch"]
-    relax_cell: Bool[Array, "*batch"]
-    active: Bool[Array, "*batch"]
     ref_positions: Float[Array, "*batch atoms 3"]  # Cartesian positions at the last neighbour build
-    ref_cell: Float[Array, "*batch 3 3"]
-    image_range: Float[Array, "*batch 3"]  # largest |S_a| of a candidate within cutoff + skin
+    log_cell: Float[Array, "*batch systems 3 3"]
+    v_cell: Float[Array, "*batch systems 3 3"]
+    log_cell_last: Float[Array, "*batch systems 3 3"]
+    orig_cell: Float[Array, "*batch systems 3 3"]
+    ref_cell: Float[Array, "*batch systems 3 3"]
+    dt: Float[Array, "*batch systems"]
+    a: Float[Array, "*batch systems"]
+    e_last: Float[Array, "*batch systems"]
+    exp_cell_factor: Float[Array, "*batch systems"]
+    n_pos: Int[Array, "*batch systems"]  # ASE's `Nsteps`: steps since the last reset
+    steps: Int[Array, "*batch systems"]  # ASE's `nsteps`: optimizer steps taken
+    started: Bool[Array, "*batch systems"]  # ASE's `vel is not None`
+    relax_cell: Bool[Array, "*batch systems"]
+    active: Bool[Array, "*batch systems"]
+    image_range: Float[Array, "*batch systems 3"]  # largest |S_a| of a candidate within cutoff + skin
+
+
+#: `_PackState` fields with one row per atom (the others have one row per system).
+_ATOM_FIELDS = ("x", "v", "x_last", "ref_positions")
 
 
 class _Report(eqx.Module):
-    """What one step reports per slot (evaluated at the slot's positions before the step)."""
+    """What one step reports per system and atom (evaluated at the positions before the step)."""
 
-    energy: Float[Array, "*batch"]
+    energy: Float[Array, "*batch systems"]
     forces: Float[Array, "*batch atoms 3"]
-    stress: Float[Array, "*batch 3 3"]
+    stress: Float[Array, "*batch systems 3 3"]
     positions: Float[Array, "*batch atoms 3"]
-    cell: Float[Array, "*batch 3 3"]
-    fmax: Float[Array, "*batch"]
-    converged: Bool[Array, "*batch"]
-    finished: Bool[Array, "*batch"]
-    finite: Bool[Array, "*batch"]
-    over_cap: Bool[Array, "*batch"]
-    stale: Bool[Array, "*batch"]
-    steps: Int[Array, "*batch"]
+    cell: Float[Array, "*batch systems 3 3"]
+    fmax: Float[Array, "*batch systems"]
+    converged: Bool[Array, "*batch systems"]
+    finished: Bool[Array, "*batch systems"]
+    finite: Bool[Array, "*batch systems"]
+    over_cap: Bool[Array, "*batch systems"]
+    stale: Bool[Array, "*batch systems"]
+    steps: Int[Array, "*batch systems"]
     next_positions: Float[Array, "*batch atoms 3"]
-    next_cell: Float[Array, "*batch 3 3"]
+    next_cell: Float[Array, "*batch systems 3 3"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,129 +171,161 @@ class _Knobs(eqx.Module):
         )
 
 
-def _vdot(p: tuple[Array, Array], q: tuple[Array, Array]) -> Float[Array, ""]:
-    """Dot product of two (atoms, cell) vectors of one structure: ASE's `np.vdot` on `(natoms + 3, 3)`."""
-    return jnp.sum(p[0] * q[0]) + jnp.sum(p[1] * q[1])
-
-
-def _deformation(slot: _Slot) -> Float[Array, "3 3"]:
-    eye = jnp.eye(3, dtype=slot.x.dtype)
-    return jnp.where(slot.relax_cell, expm(slot.log_cell / slot.exp_cell_factor), eye)
+def _deformation(log_cell: Float[Array, "3 3"], exp_cell_factor: Float[Array, ""], relax_cell: Bool[Array, ""]):
+    """The deformation gradient `F = exp(log_cell / exp_cell_factor)` (the identity without cell relaxation)."""
+    eye = jnp.eye(3, dtype=log_cell.dtype)
+    return jnp.where(relax_cell, expm(log_cell / exp_cell_factor), eye)
 
 
 def _evaluate(
     model: UMA,
     graph: AtomicGraph,
     positions: Float[Array, "atoms 3"],
-    cell: Float[Array, "3 3"],
+    cell: Float[Array, "systems 3 3"],
     config: "_StepConfig",
-) -> tuple[dict[str, Array], Bool[Array, ""]]:
-    """Energy, forces and stress of one slot's structure at `positions` and `cell`.
+) -> tuple[dict[str, Array], Bool[Array, " atoms"]]:
+    """Energy, forces and stress of a graph's systems at `positions` and `cell`.
 
-    The model sees the slot's candidate pairs that lie inside the cutoff now (fairchem's
-    inclusive test, no zero-length edge), so between rebuilds its graph is the host graph.
+    The model sees the candidate pairs that lie inside the cutoff now (fairchem's inclusive
+    test, no zero-length edge), so between rebuilds its graph is the host graph.
 
     **Returns:**
 
-    `(energy_forces_stress output, over_cap)`: `over_cap` is True when an atom has more than
-    `max_neighbors` neighbours (where fairchem would cap them; the slot is then refused).
+    `(energy_forces_stress output, over_cap)`: `over_cap[i]` is True when atom `i` has more
+    than `max_neighbors` neighbours (where fairchem would cap them; its structure is then
+    refused).
     """
     source, target = graph.edge_index[0], graph.edge_index[1]
-    vectors = positions[source] - positions[target] + graph.edge_shift @ cell
+    vectors = (
+        positions[source]
+        - positions[target]
+        + jnp.einsum("ei,eij->ej", graph.edge_shift, cell[graph.system_index[target]])
+    )
     d2 = jnp.sum(vectors * vectors, axis=-1)
     edge_mask = graph.edge_mask & (d2 <= config.cutoff**2) & (d2 > 0)
     if config.max_neighbors is None:
-        over_cap = jnp.asarray(False)
+        over_cap = jnp.zeros(graph.num_atoms, bool)
     else:
         counts = jax.ops.segment_sum(edge_mask.astype(jnp.int32), target, num_segments=graph.num_atoms)
-        over_cap = jnp.any(counts > config.max_neighbors)
-    g = eqx.tree_at(
-        lambda g: (g.positions, g.cell, g.edge_mask), graph, (positions, graph.cell.at[0].set(cell), edge_mask)
-    )
+        over_cap = counts > config.max_neighbors
+    g = eqx.tree_at(lambda g: (g.positions, g.cell, g.edge_mask), graph, (positions, cell, edge_mask))
     return energy_forces_stress(model, g, settings=config.settings), over_cap
 
 
-def _slot_step(
-    shared: tuple[UMA, _Knobs], item: tuple[AtomicGraph, _Slot], config: _StepConfig
-) -> tuple[_Slot, _Report]:
-    """Evaluate one slot, test convergence, and take one FIRE step (ASE's `irun` loop body)."""
+def _pack_step(
+    shared: tuple[UMA, _Knobs], item: tuple[AtomicGraph, _PackState], config: _StepConfig
+) -> tuple[_PackState, _Report]:
+    """Evaluate one pack, test each structure's convergence, and take one FIRE step (ASE's `irun` loop body).
+
+    Every structure follows its own FIRE (its own `dt`, `a`, step limit and convergence test):
+    per-structure sums and maxima are segment reductions over the atoms of its system.
+    """
     (model, fire), (graph, st) = shared, item
-    dtype = st.x.dtype
-    deform = _deformation(st)
-    positions = jnp.where(graph.atom_mask[:, None], st.x @ deform.T, 0.0)
-    cell = st.orig_cell @ deform.T
-    out, over_cap = _evaluate(model, graph, positions, cell, config)
-    energy, forces, sigma = out["energy"][0], out["forces"], out["stress"][0]
-    finite = jnp.isfinite(energy) & jnp.all(jnp.isfinite(forces)) & jnp.all(jnp.isfinite(sigma))
+    system, atom_mask = graph.system_index, graph.atom_mask
+    num_systems = graph.num_systems
+
+    def atoms_of(value):  # a per-system value on each atom's row, broadcast over trailing axes
+        value = value[system]
+        return value.reshape(value.shape + (1,) * (2 - value.ndim)) if value.ndim < 2 else value
+
+    def total(per_atom):  # sum over each system's atoms
+        return jax.ops.segment_sum(per_atom, system, num_segments=num_systems)
+
+    def largest(per_atom):  # max over each system's atoms (0 for a system without atoms)
+        return jnp.maximum(
+            jax.ops.segment_max(jnp.where(atom_mask, per_atom, 0.0), system, num_segments=num_systems), 0.0
+        )
+
+    def vdot(p, q):  # ASE's np.vdot over one structure's (natoms + 3, 3) variables, per system
+        return total(jnp.sum(p[0] * q[0], -1)) + jnp.sum(p[1] * q[1], (-2, -1))
+
+    deformations = jax.vmap(_deformation)
+    deform = deformations(st.log_cell, st.exp_cell_factor, st.relax_cell)
+    positions = jnp.where(atom_mask[:, None], jnp.einsum("aij,aj->ai", deform[system], st.x), 0.0)  # x Fᵀ
+    cell = jnp.einsum("sij,skj->sik", st.orig_cell, deform)  # orig_cell Fᵀ
+    out, over_atoms = _evaluate(model, graph, positions, cell, config)
+    energy, forces, sigma = out["energy"], out["forces"], out["stress"]
+    over_cap = total(over_atoms.astype(jnp.int32)) > 0
+    bad_rows = total((~jnp.all(jnp.isfinite(forces), -1)).astype(jnp.int32))
+    finite = jnp.isfinite(energy) & (bad_rows == 0) & jnp.all(jnp.isfinite(sigma), (-2, -1))
 
     # FrechetCellFilter.get_forces (scalar_pressure 0): atoms' forces in the undeformed frame, and
     # the gradient of the energy with respect to log F (the adjoint of expm's Fréchet derivative)
     volume = jnp.abs(jnp.linalg.det(cell))
-    virial = -volume * 0.5 * (sigma + sigma.T)  # ASE reads the stress through Voigt notation
-    ucf_gradient = virial @ jnp.linalg.inv(deform.T)
-    log_deform = st.log_cell / st.exp_cell_factor
-    cell_force = expm_frechet(log_deform.T, ucf_gradient, compute_expm=False) / st.exp_cell_factor
-    g_atoms = jnp.where(st.relax_cell, forces @ deform, forces)
-    g_cell = jnp.where(st.relax_cell, cell_force, jnp.zeros((3, 3), dtype))
-    row2 = jnp.concatenate([jnp.where(graph.atom_mask, jnp.sum(g_atoms**2, -1), 0.0), jnp.sum(g_cell**2, -1)])
-    fmax = jnp.sqrt(jnp.max(row2))
+    virial = -volume[:, None, None] * 0.5 * (sigma + jnp.swapaxes(sigma, -1, -2))  # ASE reads Voigt stress
+    ucf_gradient = virial @ jnp.linalg.inv(jnp.swapaxes(deform, -1, -2))
+    log_deform = st.log_cell / st.exp_cell_factor[:, None, None]
+    frechet = jax.vmap(lambda l, g: expm_frechet(l.T, g, compute_expm=False))
+    cell_force = frechet(log_deform, ucf_gradient) / st.exp_cell_factor[:, None, None]
+    g_atoms = jnp.where(atoms_of(st.relax_cell), jnp.einsum("aj,aji->ai", forces, deform[system]), forces)  # f F
+    g_cell = jnp.where(st.relax_cell[:, None, None], cell_force, jnp.zeros_like(cell_force))
+    fmax = jnp.sqrt(jnp.maximum(largest(jnp.sum(g_atoms**2, -1)), jnp.max(jnp.sum(g_cell**2, -1), -1)))
     converged = fmax < fire.fmax  # ASE's Optimizable.converged: strictly below
     move = st.active & finite & ~over_cap & ~converged & (st.steps < fire.max_steps)
 
-    # FIRE.step
+    # FIRE.step, per system
     x, log_cell, e_last = st.x, st.log_cell, st.e_last
-    uphill = jnp.asarray(False)
+    uphill = jnp.zeros(num_systems, bool)
     if config.downhill_check:
         uphill = st.started & (energy > st.e_last)
-        x = jnp.where(uphill, st.x_last, st.x)
-        log_cell = jnp.where(uphill, st.log_cell_last, st.log_cell)
+        x = jnp.where(atoms_of(uphill), st.x_last, st.x)
+        log_cell = jnp.where(uphill[:, None, None], st.log_cell_last, st.log_cell)
         e_last = jnp.where(uphill, st.e_last, energy)
     gradient = (g_atoms, g_cell)
     velocity = (st.v, st.v_cell)
-    vf = _vdot(gradient, velocity)
-    grad2 = _vdot(gradient, gradient)
+    vf = vdot(gradient, velocity)
+    grad2 = vdot(gradient, gradient)
     mix = st.started & (vf > 0.0) & ~uphill
     reset = st.started & ~mix
-    scale = st.a * jnp.sqrt(_vdot(velocity, velocity)) / jnp.sqrt(jnp.where(grad2 > 0, grad2, 1.0))
+    scale = st.a * jnp.sqrt(vdot(velocity, velocity)) / jnp.sqrt(jnp.where(grad2 > 0, grad2, 1.0))
     grow = mix & (st.n_pos > fire.n_min)
     dt = jnp.where(grow, jnp.minimum(st.dt * fire.finc, fire.dtmax), jnp.where(reset, st.dt * fire.fdec, st.dt))
     a = jnp.where(grow, st.a * fire.fa, jnp.where(reset, fire.astart, st.a))
     n_pos = jnp.where(mix, st.n_pos + 1, jnp.where(reset, 0, st.n_pos))
-    v, v_cell = (jnp.where(mix, (1.0 - st.a) * vel + scale * grad, jnp.where(reset, 0.0, vel)) for vel, grad in
-                 zip(velocity, gradient))  # fmt: skip
-    v, v_cell = v + dt * g_atoms, v_cell + dt * g_cell
-    dr, dr_cell = dt * v, dt * v_cell
-    norm = jnp.sqrt(_vdot((dr, dr_cell), (dr, dr_cell)))
+    per_atom = (atoms_of, lambda value: value[:, None, None])
+    v, v_cell = (
+        jnp.where(on(mix), (1.0 - on(st.a)) * vel + on(scale) * grad, jnp.where(on(reset), 0.0, vel))
+        for on, vel, grad in zip(per_atom, velocity, gradient)
+    )
+    v, v_cell = v + atoms_of(dt) * g_atoms, v_cell + dt[:, None, None] * g_cell
+    dr, dr_cell = atoms_of(dt) * v, dt[:, None, None] * v_cell
+    norm = jnp.sqrt(vdot((dr, dr_cell), (dr, dr_cell)))
     shrink = jnp.where(norm > fire.maxstep, fire.maxstep / jnp.where(norm > 0, norm, 1.0), 1.0)
-    new = _Slot(
-        x=x + shrink * dr,
-        log_cell=log_cell + shrink * dr_cell,
+    new = _PackState(
+        x=x + atoms_of(shrink) * dr,
         v=v,
-        v_cell=v_cell,
-        dt=dt,
-        a=a,
-        n_pos=n_pos,
-        steps=st.steps + 1,
-        started=jnp.asarray(True),
-        e_last=e_last,
         x_last=x,
+        ref_positions=st.ref_positions,
+        log_cell=log_cell + shrink[:, None, None] * dr_cell,
+        v_cell=v_cell,
         log_cell_last=log_cell,
         orig_cell=st.orig_cell,
+        ref_cell=st.ref_cell,
+        dt=dt,
+        a=a,
+        e_last=e_last,
         exp_cell_factor=st.exp_cell_factor,
+        n_pos=n_pos,
+        steps=st.steps + 1,
+        started=jnp.ones_like(st.started),
         relax_cell=st.relax_cell,
         active=st.active,
-        ref_positions=st.ref_positions,
-        ref_cell=st.ref_cell,
         image_range=st.image_range,
     )
-    new = jax.tree.map(lambda n, o: jnp.where(move, n, o), new, st)
+
+    def keep_moving(name):  # the stepped value for systems that move, the old one for the others
+        old = getattr(st, name)
+        on = atoms_of(move) if name in _ATOM_FIELDS else move.reshape(move.shape + (1,) * (old.ndim - 1))
+        return jnp.where(on, getattr(new, name), old)
+
+    new = _PackState(**{f.name: keep_moving(f.name) for f in dataclasses.fields(_PackState)})
 
     # Verlet bound: a pair outside cutoff + skin may have come inside the cutoff
-    next_deform = _deformation(new)
-    next_positions = jnp.where(graph.atom_mask[:, None], new.x @ next_deform.T, 0.0)
-    next_cell = new.orig_cell @ next_deform.T
-    moved = jnp.max(jnp.where(graph.atom_mask, jnp.linalg.norm(next_positions - st.ref_positions, axis=-1), 0.0))
-    strained = jnp.sum(st.image_range * jnp.linalg.norm(next_cell - st.ref_cell, axis=-1))
+    next_deform = deformations(new.log_cell, new.exp_cell_factor, new.relax_cell)
+    next_positions = jnp.where(atom_mask[:, None], jnp.einsum("aij,aj->ai", next_deform[system], new.x), 0.0)
+    next_cell = jnp.einsum("sij,skj->sik", new.orig_cell, next_deform)
+    moved = largest(jnp.linalg.norm(next_positions - st.ref_positions, axis=-1))
+    strained = jnp.sum(st.image_range * jnp.linalg.norm(next_cell - st.ref_cell, axis=-1), -1)
     stale = move & (2.0 * moved + strained > config.skin)
     report = _Report(
         energy=energy,
@@ -310,14 +348,14 @@ def _slot_step(
 
 @eqx.filter_jit
 def _step(
-    model: UMA, knobs: _Knobs, graphs: AtomicGraph, slots: _Slot, config: _StepConfig, mesh: Mesh
-) -> tuple[_Slot, _Report]:
-    """One step of every slot: one compiled program per slot size, config and mesh."""
+    model: UMA, knobs: _Knobs, graphs: AtomicGraph, packs: _PackState, config: _StepConfig, mesh: Mesh
+) -> tuple[_PackState, _Report]:
+    """One step of every pack: one compiled program per pack capacity, config and mesh."""
 
     def one(shared, item):
-        return _slot_step(shared, item, config)
+        return _pack_step(shared, item, config)
 
-    return data_parallel(one, mesh)((model, knobs), (graphs, slots))
+    return data_parallel(one, mesh)((model, knobs), (graphs, packs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,6 +525,184 @@ class _Batch:
         self.state["active"][s] = False
         self.state["relax_cell"][s] = False
         self.entries[s] = None
+
+
+#: Room a pack is sized with over the demand in sight (slots × the mean structure's atoms and
+#: candidate edges, at the first admission): mixed sizes leave and enter without growing it.
+PACK_HEADROOM = 1.2
+
+
+@dataclasses.dataclass
+class _Member:
+    """A structure in a pack: its graph rows and its FIRE state, kept on the host between re-packs."""
+
+    entry: _Entry
+    numbers: np.ndarray  # (n,) atomic numbers
+    system: tuple[int, int, int]  # charge, spin, dataset index
+    edges: np.ndarray  # (2, e) candidate pairs within cutoff + skin (structure-local atom indices)
+    shifts: np.ndarray  # (e, 3) their image offsets
+    reserve: int  # edge rows the pack holds for it (>= e; grows when a rebuild needs more)
+    state: dict[str, np.ndarray]  # _PackState fields: (n, ...) for atom fields, one system's row otherwise
+
+
+class _Packs:
+    """The host side of the batch: one pack (one graph of several systems) per device.
+
+    A pack has `slots` systems for structures plus one padding system, and capacities of
+    atoms and edges shared by all packs (grow-only, bucketed: a growth compiles once). A
+    structure's atoms and edges occupy contiguous rows (atoms grouped by system, edges
+    sorted by target, as the model requires); when structures enter or leave, the packs are
+    laid out again on the host, so the capacity is never fragmented.
+    """
+
+    def __init__(self, num_packs: int, slots: int, dtype, index_dtype, fire: FIREParameters):
+        self.num_packs, self.slots = num_packs, slots
+        self.dtype, self.index_dtype, self.fire = dtype, index_dtype, fire
+        self.members: list[list[_Member]] = [[] for _ in range(num_packs)]
+        self.atoms_cap = self.edges_cap = 0  # 0: not sized yet (see size_for)
+        self.offsets: list[list[int]] = [[] for _ in range(num_packs)]  # first atom row of each member
+
+    def __bool__(self) -> bool:
+        return any(self.members)
+
+    def used(self, d: int) -> tuple[int, int]:
+        """`(atoms, edges)` taken in pack `d` (one atom row is kept for padded edges)."""
+        return 1 + sum(m.entry.natoms for m in self.members[d]), sum(m.reserve for m in self.members[d])
+
+    def fits(self, d: int, natoms: int, reserve: int) -> bool:
+        atoms, edges = self.used(d)
+        return (len(self.members[d]) < self.slots and atoms + natoms <= self.atoms_cap
+                and edges + reserve <= self.edges_cap)  # fmt: skip
+
+    def grow(self, atoms: int, edges: int) -> None:
+        """Capacities of at least `atoms` and `edges` (bucketed; never smaller than now)."""
+        self.atoms_cap = max(self.atoms_cap, bucket_size(atoms))
+        self.edges_cap = max(self.edges_cap, bucket_size(edges))
+
+    def size_for(self, demand: Sequence[tuple[int, int]]) -> None:
+        """Size the packs for structures of `(natoms, reserved edges)` like these (before the first step)."""
+        mean_atoms = sum(n for n, _ in demand) / len(demand)
+        mean_edges = sum(e for _, e in demand) / len(demand)
+        self.grow(
+            max(1 + math.ceil(self.slots * mean_atoms * PACK_HEADROOM), 1 + max(n for n, _ in demand)),
+            max(math.ceil(self.slots * mean_edges * PACK_HEADROOM), max(e for _, e in demand)),
+        )
+
+    def new_state(self, entry: _Entry, cell: np.ndarray, relax_cell: bool, exp_cell_factor, radius: float):
+        n, f = entry.natoms, self.dtype
+        positions = np.asarray(entry.atoms.positions, f)
+        zeros33 = np.zeros((3, 3), f)
+        return {
+            "x": positions.copy(),
+            "v": np.zeros((n, 3), f),
+            "x_last": positions.copy(),
+            "ref_positions": positions.copy(),
+            "log_cell": zeros33.copy(),
+            "v_cell": zeros33.copy(),
+            "log_cell_last": zeros33.copy(),
+            "orig_cell": np.asarray(cell, f),
+            "ref_cell": np.asarray(cell, f),
+            "dt": np.asarray(self.fire.dt, f),
+            "a": np.asarray(self.fire.a, f),
+            "e_last": np.asarray(0.0, f),
+            "exp_cell_factor": np.asarray(float(n) if exp_cell_factor is None else exp_cell_factor, f),
+            "n_pos": np.asarray(0, self.index_dtype),
+            "steps": np.asarray(0, self.index_dtype),
+            "started": np.asarray(False),
+            "relax_cell": np.asarray(relax_cell),
+            "active": np.asarray(True),
+            "image_range": np.asarray(_image_range(np.asarray(cell, np.float64), entry.pbc, radius), f),
+        }
+
+    def pack(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Lay the members out: `(graph, state)` arrays stacked over packs (leading axis)."""
+        self.grow(1, 1)  # a run with nothing to relax still lays out valid (empty) packs
+        p, a, e, sys_, f, i = (
+            self.num_packs,
+            self.atoms_cap,
+            self.edges_cap,
+            self.slots + 1,
+            self.dtype,
+            self.index_dtype,
+        )
+        eye = np.broadcast_to(np.eye(3, dtype=f), (p, sys_, 3, 3))
+        graph = {
+            "positions": np.zeros((p, a, 3), f),  # set from the FIRE variables inside the step
+            "atomic_numbers": np.zeros((p, a), i),
+            "system_index": np.full((p, a), self.slots, i),  # padding atoms: the last (padding) system
+            "edge_index": np.full((p, 2, e), a - 1, i),  # padded edges: self-loops on the last (padding) atom
+            "edge_shift": np.zeros((p, e, 3), f),
+            "cell": eye.copy(),
+            "charge": np.zeros((p, sys_), i),
+            "spin": np.zeros((p, sys_), i),
+            "dataset_index": np.zeros((p, sys_), i),
+            "atom_mask": np.zeros((p, a), bool),
+            "edge_mask": np.zeros((p, e), bool),
+            "system_mask": np.zeros((p, sys_), bool),
+        }
+        state = {
+            "x": np.zeros((p, a, 3), f),
+            "v": np.zeros((p, a, 3), f),
+            "x_last": np.zeros((p, a, 3), f),
+            "ref_positions": np.zeros((p, a, 3), f),
+            "log_cell": np.zeros((p, sys_, 3, 3), f),
+            "v_cell": np.zeros((p, sys_, 3, 3), f),
+            "log_cell_last": np.zeros((p, sys_, 3, 3), f),
+            "orig_cell": eye.copy(),
+            "ref_cell": eye.copy(),
+            "dt": np.full((p, sys_), self.fire.dt, f),
+            "a": np.full((p, sys_), self.fire.a, f),
+            "e_last": np.zeros((p, sys_), f),
+            "exp_cell_factor": np.ones((p, sys_), f),
+            "n_pos": np.zeros((p, sys_), i),
+            "steps": np.zeros((p, sys_), i),
+            "started": np.zeros((p, sys_), bool),
+            "relax_cell": np.zeros((p, sys_), bool),
+            "active": np.zeros((p, sys_), bool),
+            "image_range": np.zeros((p, sys_, 3), f),
+        }
+        for d, members in enumerate(self.members):
+            self.offsets[d] = []
+            atom, edge = 0, 0
+            for s, m in enumerate(members):
+                n, k = m.entry.natoms, m.edges.shape[1]
+                self.offsets[d].append(atom)
+                graph["atomic_numbers"][d, atom : atom + n] = m.numbers
+                graph["system_index"][d, atom : atom + n] = s
+                graph["atom_mask"][d, atom : atom + n] = True
+                graph["edge_index"][d, :, edge : edge + k] = m.edges + atom
+                graph["edge_shift"][d, edge : edge + k] = m.shifts
+                graph["edge_mask"][d, edge : edge + k] = True
+                graph["cell"][d, s] = m.state["orig_cell"]
+                graph["charge"][d, s], graph["spin"][d, s], graph["dataset_index"][d, s] = m.system
+                graph["system_mask"][d, s] = True
+                for name, value in m.state.items():
+                    if name in _ATOM_FIELDS:
+                        state[name][d, atom : atom + n] = value
+                    else:
+                        state[name][d, s] = value
+                atom, edge = atom + n, edge + k
+            assert atom < a and edge <= e, (atom, a, edge, e)  # fits() and grow() keep this
+        return graph, state
+
+    def unpack(self, state: dict[str, np.ndarray]) -> None:
+        """Copy the stepped `state` (as laid out by the last `pack`) back into the members."""
+        for d, members in enumerate(self.members):
+            for s, (m, atom) in enumerate(zip(members, self.offsets[d])):
+                n = m.entry.natoms
+                for name in m.state:
+                    rows = state[name][d, atom : atom + n] if name in _ATOM_FIELDS else state[name][d, s]
+                    m.state[name] = np.array(rows)
+
+    def set_edges(self, m: _Member, edges: np.ndarray, shifts: np.ndarray, positions, cell, radius: float) -> None:
+        """New candidate pairs for member `m`, built at `positions` and `cell` (grows the packs if needed)."""
+        m.edges, m.shifts = edges, shifts
+        if edges.shape[1] > m.reserve:
+            m.reserve = math.ceil(edges.shape[1] * DEFAULT_CAPACITY_MULTIPLIER)
+            self.grow(0, max(self.used(d)[1] for d in range(self.num_packs)))
+        m.state["ref_positions"] = np.asarray(positions, self.dtype)
+        m.state["ref_cell"] = np.asarray(cell, self.dtype)
+        m.state["image_range"] = np.asarray(_image_range(cell, m.entry.pbc, radius), self.dtype)
 
 
 def _place(host: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
@@ -793,7 +1009,7 @@ def relax_batch(
     mesh = batch_mesh(devices)
     if isinstance(structures, Sequence) and not isinstance(structures, str):
         batch_size = min(batch_size, max(len(structures), 1))  # no more slots than structures
-    num_slots = -(-batch_size // mesh.size) * mesh.size
+    slots = -(-batch_size // mesh.size)  # per device
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     radius = cfg.cutoff + skin
     config = _StepConfig(fire.downhill_check, float(cfg.cutoff), float(skin), cfg.max_neighbors, settings)
@@ -804,7 +1020,7 @@ def relax_batch(
     log = ResultLog(output) if output is not None else None
     results: dict[int, dict] = log.open() if log is not None else {}
     bar = tqdm(desc="relax", unit="structure", disable=not progress)
-    batch = _Batch(num_slots, 1, 1, dtype, index_dtype, fire)
+    packs = _Packs(mesh.size, slots, dtype, index_dtype, fire)
 
     def emit(result: dict) -> None:
         results[result["index"]] = result
@@ -822,64 +1038,71 @@ def relax_batch(
         emit(row)
 
     stream = _Admissions(model, structures, task_name, results, fail, radius, cell)
-
     pending: collections.deque = collections.deque()
     items = iter(stream)
 
-    def prefetch(n: int) -> None:
-        """Read ahead until `n` structures wait (or the stream ends), sizing the slots for all of them.
+    def reserve_of(edges) -> int:
+        return math.ceil(edges[0].shape[1] * DEFAULT_CAPACITY_MULTIPLIER)
 
-        Sizing for the structures ahead before the first step makes the slots big enough from the
-        start in most runs, so that later swaps rarely grow them (each growth compiles once).
+    def fill() -> None:
+        """Admit waiting structures, in stream order, while one fits in a pack with a free slot.
+
+        The head of the queue waits (no overtaking) until a pack has room for it; a structure
+        larger than an empty pack grows the packs (one compilation).
         """
-        while len(pending) < n:
-            item = next(items, None)
-            if item is None:
+        while True:
+            while len(pending) < (1 + LOOKAHEAD_BATCHES) * packs.slots * packs.num_packs:
+                item = next(items, None)
+                if item is None:
+                    break
+                pending.append(item)
+            if not pending:
                 return
-            entry, _, edges, _ = item
-            batch.fit(entry.natoms, edges[0].shape[1])
-            pending.append(item)
-
-    def refill(s: int) -> bool:
-        """Put the next good structure into slot `s`; False (slot vacated) when the stream is done."""
-        prefetch(1 + LOOKAHEAD_BATCHES * num_slots)
-        if not pending:
-            batch.vacate(s)
-            return False
-        entry, template, edges, relax_cell = pending.popleft()
-        batch.admit(s, entry, template, relax_cell, exp_cell_factor, (edges[0], edges[1], radius))
-        return True
+            if not packs.atoms_cap:
+                packs.size_for([(item[0].natoms, reserve_of(item[2])) for item in pending])
+            entry, template, edges, relax_cell = pending[0]
+            reserve = reserve_of(edges)
+            room = [d for d in range(packs.num_packs) if packs.fits(d, entry.natoms, reserve)]
+            if not room:
+                empty = [d for d in range(packs.num_packs) if not packs.members[d]]
+                if not empty:
+                    return
+                packs.grow(1 + entry.natoms, reserve)
+                room = empty
+            d = max(room, key=lambda d: packs.atoms_cap - packs.used(d)[0])
+            pending.popleft()
+            state = packs.new_state(entry, np.asarray(template.cell[0]), relax_cell, exp_cell_factor, radius)
+            system = tuple(int(np.asarray(getattr(template, name))[0]) for name in ("charge", "spin", "dataset_index"))
+            numbers = np.asarray(template.atomic_numbers)[: entry.natoms]
+            packs.members[d].append(_Member(entry, numbers, system, edges[0], edges[1], reserve, state))  # pyright: ignore[reportArgumentType]
 
     try:
-        for s in range(num_slots):
-            if not refill(s):
-                break
-        while any(batch.state["active"]):
-            graphs = AtomicGraph(**_place(batch.graph, sharding))
-            slots = _Slot(**_place(batch.state, sharding))
-            new, report = _step(model, knobs, graphs, slots, config, mesh)
-            flags = to_host((report.finished, report.stale))
-            finished, stale = np.asarray(flags[0]), np.asarray(flags[1])
+        fill()
+        host_graph, host_state = packs.pack()
+        graphs = AtomicGraph(**_place(host_graph, sharding))
+        while packs:
+            new, report = _step(model, knobs, graphs, _PackState(**_place(host_state, sharding)), config, mesh)
+            finished, stale = (np.asarray(flag) for flag in to_host((report.finished, report.stale)))
             host_new = to_host(new)
-            batch.state = {f.name: np.array(getattr(host_new, f.name)) for f in dataclasses.fields(_Slot)}
+            host_state = {f.name: np.array(getattr(host_new, f.name)) for f in dataclasses.fields(_PackState)}
             if not (finished.any() or stale.any()):
                 continue
             rep = to_host(report)
-            for s in np.flatnonzero(stale & ~finished).tolist():
-                entry = batch.entries[s]
-                assert entry is not None
-                n = entry.natoms
-                positions = np.asarray(rep.next_positions[s, :n], np.float64)
-                cell_now = np.asarray(rep.next_cell[s], np.float64)
-                edges, shifts = _candidates(positions, cell_now, entry.pbc, radius)
-                if batch.fit(n, edges.shape[1]):
-                    pass  # grown: slots keep their contents; the next step compiles once for the new size
-                batch.set_edges(s, edges, shifts, positions, cell_now, entry.pbc, radius)
-            for s in np.flatnonzero(finished).tolist():
-                entry = batch.entries[s]
-                assert entry is not None
-                emit(_result(entry, rep, s, cell))
-                refill(s)
+            packs.unpack(host_state)
+            for d, members in enumerate(packs.members):
+                for s, m in enumerate(members):
+                    rows = slice(packs.offsets[d][s], packs.offsets[d][s] + m.entry.natoms)
+                    if finished[d, s]:
+                        emit(_result(m.entry, rep, d, s, rows, cell))
+                    elif stale[d, s]:
+                        positions = np.asarray(rep.next_positions[d, rows], np.float64)
+                        cell_now = np.asarray(rep.next_cell[d, s], np.float64)
+                        edges, shifts = _candidates(positions, cell_now, m.entry.pbc, radius)
+                        packs.set_edges(m, edges, shifts, positions, cell_now, radius)
+                packs.members[d] = [m for s, m in enumerate(members) if not finished[d, s]]
+            fill()
+            host_graph, host_state = packs.pack()
+            graphs = AtomicGraph(**_place(host_graph, sharding))
     finally:
         bar.close()
         if log is not None:
@@ -894,36 +1117,36 @@ def relax_batch(
     return ordered
 
 
-def _result(entry: _Entry, rep: _Report, s: int, cell: bool) -> dict:
-    """The record of the structure that just left slot `s`."""
+def _result(entry: _Entry, rep: _Report, d: int, s: int, rows: slice, cell: bool) -> dict:
+    """The record of the structure that just left system `s` of pack `d` (its atoms at `rows`)."""
     n = entry.natoms
     atoms = entry.atoms.copy()
     atoms.calc = None
-    atoms.positions = np.asarray(rep.positions[s, :n], np.float64)
+    atoms.positions = np.asarray(rep.positions[d, rows], np.float64)
     if cell and atoms.pbc.all():
-        atoms.set_cell(np.asarray(rep.cell[s], np.float64), scale_atoms=False)
+        atoms.set_cell(np.asarray(rep.cell[d, s], np.float64), scale_atoms=False)
     row: dict[str, Any] = {
         "index": entry.index,
         "task": entry.task,
         "natoms": n,
-        "steps": int(rep.steps[s]),
-        "converged": bool(rep.converged[s]),
-        "fmax": float(rep.fmax[s]),
+        "steps": int(rep.steps[d, s]),
+        "converged": bool(rep.converged[d, s]),
+        "fmax": float(rep.fmax[d, s]),
         "atoms": atoms,
     }
-    if not bool(rep.finite[s]):
+    if not bool(rep.finite[d, s]):
         row["error"] = (
             f"structure #{entry.index}: the energy, forces or stress became non-finite after "
-            f"{int(rep.steps[s])} steps; check the structure (or relax it with uma_eqx.simulate.relax)"
+            f"{int(rep.steps[d, s])} steps; check the structure (or relax it with uma_eqx.simulate.relax)"
         )
         row["converged"] = False
         return row
     row.update(
-        energy=float(rep.energy[s]),
-        forces=np.asarray(rep.forces[s, :n], np.float64),
-        stress=np.asarray(rep.stress[s], np.float64),
+        energy=float(rep.energy[d, s]),
+        forces=np.asarray(rep.forces[d, rows], np.float64),
+        stress=np.asarray(rep.stress[d, s], np.float64),
     )
-    if bool(rep.over_cap[s]):
+    if bool(rep.over_cap[d, s]):
         row["error"] = (
             f"structure #{entry.index}: an atom has more than the model's max_neighbors neighbours within the "
             "cutoff, where fairchem applies its neighbour cap, which the batched graph does not reproduce; relax "
