@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import tempfile
 
 import jax
 
@@ -9,6 +10,17 @@ jax.config.update("jax_enable_x64", True)
 # `uma-eqx` commands run in-process here would otherwise switch on the on-disk compilation
 # cache for the whole test process (tests/test_compile_cache.py tests it in child processes).
 os.environ["UMA_EQX_COMPILE_CACHE"] = "0"
+#: The suite's own on-disk compilation cache, in this process only (child processes keep their
+#: settings: tests/test_compile_cache.py and tests/test_cold_start.py count cache hits there).
+#: Test modules drop their compiled programs (below) and the pytest-xdist workers meet the same
+#: programs, so a program compiled once is loaded, not compiled, by later modules and workers.
+#: `UMA_EQX_TEST_XLA_CACHE=off` compiles everything afresh.
+_TEST_XLA_CACHE = os.environ.get(
+    "UMA_EQX_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), f"uma_eqx_test_xla_{os.getuid()}")
+)
+if _TEST_XLA_CACHE != "off":
+    jax.config.update("jax_compilation_cache_dir", _TEST_XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 import pytest  # noqa: E402
 

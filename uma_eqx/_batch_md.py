@@ -1,6 +1,7 @@
 """`run_md_batch`: molecular dynamics of many independent systems in one compiled step.
 
-Each system occupies one slot of a stack of padded graphs (as in [`uma_eqx.relax_batch`][]);
+Each system occupies one slot of a stack of padded graphs (a fixed set of systems per run;
+[`uma_eqx.relax_batch`][], whose batch changes, packs its structures into one graph instead);
 all slots advance together (`jax.vmap`, split over devices), with each slot's neighbour
 candidates rebuilt on the host when its atoms have moved too far for the Verlet skin.
 """
@@ -20,19 +21,131 @@ from ase import units
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, UInt
 
-from ._graph import AtomicGraph
+from ._graph import AtomicGraph, bucket_size
 from ._potential import UMA
 from ._predict import _relabel, _structures, _task_of
 from ._settings import DEFAULT_SETTINGS, ExecutionSettings
-from .neighbors._jax import DEFAULT_SKIN
+from .neighbors._jax import DEFAULT_CAPACITY_MULTIPLIER, DEFAULT_SKIN
 from .parallel._data import BATCH_AXIS, batch_mesh, data_parallel, to_host
-from .relax import FIREParameters, _Batch, _candidates, _Entry, _evaluate, _place, _StepConfig
+from .relax import _candidates, _Entry, _evaluate, _image_range, _place, _StepConfig
 from .simulate import MDResult, _Recorder
 
 #: Default Langevin friction in 1/fs: the value of ASE's `Langevin` documentation example
 #: (`ase/md/langevin.py`, "friction=0.01 / fs" ~ 0.01 fs⁻¹, typical for atomistic systems).
 DEFAULT_FRICTION_PER_FS = 0.01
 BATCH_ENSEMBLES = ("nve", "nvt")
+
+
+class _Batch:
+    """One padded slot per structure (graphs and state as stacked numpy arrays), for `run_md_batch`."""
+
+    def __init__(self, num_slots: int, atoms_cap: int, edges_cap: int, dtype, index_dtype):
+        self.dtype, self.index_dtype = dtype, index_dtype
+        self.num_slots = num_slots
+        self.atoms_cap, self.edges_cap = 0, 0
+        self.graph: dict[str, np.ndarray] = {}
+        self.state: dict[str, np.ndarray] = {}
+        self.entries: list[_Entry | None] = [None] * num_slots
+        self._allocate(atoms_cap, edges_cap)
+
+    def _allocate(self, atoms_cap: int, edges_cap: int) -> None:
+        b, a, e, f, i = self.num_slots, atoms_cap, edges_cap, self.dtype, self.index_dtype
+        graph = {
+            "positions": np.zeros((b, a, 3), f),
+            "atomic_numbers": np.zeros((b, a), i),
+            "system_index": np.ones((b, a), i),
+            "edge_index": np.full((b, 2, e), a - 1, i),
+            "edge_shift": np.zeros((b, e, 3), f),
+            "cell": np.broadcast_to(np.eye(3, dtype=f), (b, 2, 3, 3)).copy(),
+            "charge": np.zeros((b, 2), i),
+            "spin": np.zeros((b, 2), i),
+            "dataset_index": np.zeros((b, 2), i),
+            "atom_mask": np.zeros((b, a), bool),
+            "edge_mask": np.zeros((b, e), bool),
+            "system_mask": np.zeros((b, 2), bool),
+        }
+        eye = np.broadcast_to(np.eye(3, dtype=f), (b, 3, 3)).copy()
+        state = {
+            "orig_cell": eye.copy(),
+            "ref_positions": np.zeros((b, a, 3), f),
+            "ref_cell": eye.copy(),
+            "image_range": np.zeros((b, 3), f),
+        }
+        if self.graph:  # grow: copy the old contents into the larger arrays
+            old_a, old_e = self.atoms_cap, self.edges_cap
+            for name, old in self.graph.items():
+                if name == "edge_index":
+                    graph[name][:, :, :old_e] = np.where(old == old_a - 1, a - 1, old)
+                elif name in ("edge_shift", "edge_mask"):
+                    graph[name][:, :old_e] = old
+                elif name in ("cell", "charge", "spin", "dataset_index", "system_mask"):
+                    graph[name][:] = old
+                else:
+                    graph[name][:, :old_a] = old
+            for name, old in self.state.items():
+                if name == "ref_positions":
+                    state[name][:, :old_a] = old
+                else:
+                    state[name][:] = old
+        self.graph, self.state = graph, state
+        self.atoms_cap, self.edges_cap = atoms_cap, edges_cap
+
+    def fit(self, natoms: int, nedges: int) -> bool:
+        """Grow (bucketed, grow-only) so that a slot holds `natoms` atoms and `nedges` candidates; True if grown."""
+        need_a = max(self.atoms_cap, bucket_size(natoms + 1))  # +1: a padded atom for padded edges
+        need_e = self.edges_cap
+        if nedges > self.edges_cap:
+            need_e = bucket_size(math.ceil(nedges * DEFAULT_CAPACITY_MULTIPLIER))
+        if (need_a, need_e) == (self.atoms_cap, self.edges_cap):
+            return False
+        self._allocate(need_a, need_e)
+        return True
+
+    def set_edges(self, s: int, edges: np.ndarray, shifts: np.ndarray, positions, cell, pbc, radius: float) -> None:
+        n_e = edges.shape[1]
+        g, st = self.graph, self.state
+        g["edge_index"][s] = self.atoms_cap - 1
+        g["edge_index"][s, :, :n_e] = edges
+        g["edge_shift"][s] = 0.0
+        g["edge_shift"][s, :n_e] = shifts
+        g["edge_mask"][s] = False
+        g["edge_mask"][s, :n_e] = True
+        n = positions.shape[0]
+        st["ref_positions"][s] = 0.0
+        st["ref_positions"][s, :n] = positions
+        st["ref_cell"][s] = cell
+        st["image_range"][s] = _image_range(cell, pbc, radius)
+
+    def admit(self, s: int, entry: _Entry, template: AtomicGraph, edges) -> None:
+        n, g, st = entry.natoms, self.graph, self.state
+        positions = np.asarray(entry.atoms.positions, np.float64)
+        cell = np.asarray(template.cell[0], np.float64)
+        for name in ("positions", "atomic_numbers", "atom_mask"):
+            g[name][s] = 0
+        g["atomic_numbers"][s, :n] = np.asarray(template.atomic_numbers)
+        g["atom_mask"][s, :n] = True
+        g["system_index"][s] = 1
+        g["system_index"][s, :n] = 0
+        g["cell"][s] = np.eye(3)
+        g["cell"][s, 0] = cell
+        for name in ("charge", "spin", "dataset_index"):
+            g[name][s] = 0
+            g[name][s, 0] = np.asarray(getattr(template, name))[0]
+        g["system_mask"][s] = (True, False)
+        st["orig_cell"][s] = cell
+        self.entries[s] = entry
+        self.set_edges(s, edges[0], edges[1], positions, cell, entry.pbc, edges[2])
+
+    def vacate(self, s: int) -> None:
+        """Mark slot `s` empty: its graph becomes padding only (zero energy), its state inactive."""
+        g = self.graph
+        g["atom_mask"][s] = False
+        g["atomic_numbers"][s] = 0
+        g["system_index"][s] = 1
+        g["edge_mask"][s] = False
+        g["edge_index"][s] = self.atoms_cap - 1
+        g["system_mask"][s] = False
+        self.entries[s] = None
 
 
 class _MDState(eqx.Module):
@@ -203,7 +316,7 @@ def _run_batch(model, chunk, num_slots, mesh, config, integ, dtype, temperature_
 
     radius = config.cutoff + skin
     index_dtype = np.dtype(jnp.zeros((), int).dtype)
-    batch = _Batch(num_slots, 1, 1, dtype, index_dtype, FIREParameters())
+    batch = _Batch(num_slots, 1, 1, dtype, index_dtype)
     edges_of, recorders, starts = [], [], []
     for _, atoms, _, template in chunk:
         pbc = np.array(atoms.pbc, dtype=bool)
@@ -217,7 +330,7 @@ def _run_batch(model, chunk, num_slots, mesh, config, integ, dtype, temperature_
     keys = np.zeros((num_slots, 2), np.uint32)
     for s, ((k, atoms, task, template), edges) in enumerate(zip(chunk, edges_of)):
         entry = _Entry(index=k, atoms=atoms, task=task, natoms=len(atoms), pbc=np.array(atoms.pbc, dtype=bool))
-        batch.admit(s, entry, template, False, None, (edges[0], edges[1], radius))
+        batch.admit(s, entry, template, (edges[0], edges[1], radius))
         start = atoms.copy()
         thermalize_momenta(start, temperature_K=temperature_K, rng=np.random.default_rng(seed + k))
         Stationary(start)

@@ -1,15 +1,19 @@
 """`relax_batch`: FIRE relaxation of many structures at once, with a full batch and a crash-safe log.
 
-The batch is a fixed number of *slots*, each one padded single-structure graph plus its FIRE
-state; all slots step together in one compiled program (`jax.vmap` over the stacked slots,
-split over devices with [`uma_eqx.parallel.data_parallel`][]). A structure that converges,
-runs out of steps or fails leaves its slot, and the next structure of the input stream takes
-its place: slot sizes are fixed (grow-only, bucketed), so a swap never recompiles.
+The batch is one *pack* per device: one graph holding several structures as its systems
+(their atoms and candidate edges in contiguous rows, as the model requires), plus each
+structure's FIRE state; all packs step together in one compiled program (one pack per device,
+[`uma_eqx.parallel.data_parallel`][]). FIRE runs per structure (per-system segment sums and
+maxima). A structure that converges, runs out of steps or fails leaves its pack, and the next
+structures of the input stream take its place as soon as they fit: the packs are laid out
+again on the host, with capacities of atoms and edges sized for the mean structure (grow-only,
+bucketed), so a swap never recompiles and a small structure costs its own size, not the
+largest one's.
 
-Neighbours: each slot holds the candidate pairs within `cutoff + skin` (host radius graph,
-vesin) and the program keeps those inside the cutoff at every step, so the model sees
-exactly the host graph; a slot's candidates are rebuilt on the host once an atom moved (or
-the cell deformed) enough that a new pair could have entered the cutoff.
+Neighbours: each structure holds the candidate pairs within `cutoff + skin` (host radius
+graph, vesin) and the program keeps those inside the cutoff at every step, so the model sees
+exactly the host graph; a structure's candidates are rebuilt on the host once an atom moved
+(or the cell deformed) enough that a new pair could have entered the cutoff.
 """
 
 import collections
@@ -38,7 +42,7 @@ from .neighbors import radius_graph
 from .neighbors._jax import DEFAULT_CAPACITY_MULTIPLIER, DEFAULT_SKIN
 from .parallel._data import BATCH_AXIS, batch_mesh, data_parallel, to_host
 
-#: Structures read ahead of the batch, in batches (slots are sized for them before they enter).
+#: Structures read ahead of the batch, in batches (packs are sized for them before the first step).
 LOOKAHEAD_BATCHES = 1
 #: Output suffixes written as JSON lines (one JSON object per result); anything else is extxyz.
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -359,12 +363,12 @@ def _step(
 
 
 # ---------------------------------------------------------------------------------------------
-# host side: slots as numpy arrays
+# host side: the batch as numpy arrays
 
 
 @dataclasses.dataclass
 class _Entry:
-    """A structure admitted to a slot: what the host keeps to rebuild neighbours and report."""
+    """A structure admitted to the batch: what the host keeps to rebuild neighbours and report."""
 
     index: int
     atoms: ase.Atoms
@@ -385,146 +389,6 @@ def _image_range(cell: np.ndarray, pbc: np.ndarray, radius: float) -> np.ndarray
 def _candidates(positions, cell, pbc, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Every pair within `radius` (no neighbour cap): `(edge_index (2, E), shifts (E, 3))`."""
     return radius_graph(positions, cell, pbc, radius, max_neighbors=None)
-
-
-class _Batch:
-    """The host mirror of the slots (graphs and FIRE state as stacked numpy arrays)."""
-
-    def __init__(self, num_slots: int, atoms_cap: int, edges_cap: int, dtype, index_dtype, fire: FIREParameters):
-        self.dtype, self.index_dtype, self.fire = dtype, index_dtype, fire
-        self.num_slots = num_slots
-        self.atoms_cap, self.edges_cap = 0, 0
-        self.graph: dict[str, np.ndarray] = {}
-        self.state: dict[str, np.ndarray] = {}
-        self.entries: list[_Entry | None] = [None] * num_slots
-        self._allocate(atoms_cap, edges_cap)
-
-    def _allocate(self, atoms_cap: int, edges_cap: int) -> None:
-        b, a, e, f, i = self.num_slots, atoms_cap, edges_cap, self.dtype, self.index_dtype
-        graph = {
-            "positions": np.zeros((b, a, 3), f),
-            "atomic_numbers": np.zeros((b, a), i),
-            "system_index": np.ones((b, a), i),
-            "edge_index": np.full((b, 2, e), a - 1, i),
-            "edge_shift": np.zeros((b, e, 3), f),
-            "cell": np.broadcast_to(np.eye(3, dtype=f), (b, 2, 3, 3)).copy(),
-            "charge": np.zeros((b, 2), i),
-            "spin": np.zeros((b, 2), i),
-            "dataset_index": np.zeros((b, 2), i),
-            "atom_mask": np.zeros((b, a), bool),
-            "edge_mask": np.zeros((b, e), bool),
-            "system_mask": np.zeros((b, 2), bool),
-        }
-        eye = np.broadcast_to(np.eye(3, dtype=f), (b, 3, 3)).copy()
-        state = {
-            "x": np.zeros((b, a, 3), f),
-            "log_cell": np.zeros((b, 3, 3), f),
-            "v": np.zeros((b, a, 3), f),
-            "v_cell": np.zeros((b, 3, 3), f),
-            "dt": np.full(b, self.fire.dt, f),
-            "a": np.full(b, self.fire.a, f),
-            "n_pos": np.zeros(b, i),
-            "steps": np.zeros(b, i),
-            "started": np.zeros(b, bool),
-            "e_last": np.zeros(b, f),
-            "x_last": np.zeros((b, a, 3), f),
-            "log_cell_last": np.zeros((b, 3, 3), f),
-            "orig_cell": eye.copy(),
-            "exp_cell_factor": np.ones(b, f),
-            "relax_cell": np.zeros(b, bool),
-            "active": np.zeros(b, bool),
-            "ref_positions": np.zeros((b, a, 3), f),
-            "ref_cell": eye.copy(),
-            "image_range": np.zeros((b, 3), f),
-        }
-        if self.graph:  # grow: copy the old contents into the larger arrays
-            old_a, old_e = self.atoms_cap, self.edges_cap
-            for name, old in self.graph.items():
-                if name == "edge_index":
-                    graph[name][:, :, :old_e] = np.where(old == old_a - 1, a - 1, old)
-                elif name in ("edge_shift", "edge_mask"):
-                    graph[name][:, :old_e] = old
-                elif name in ("cell", "charge", "spin", "dataset_index", "system_mask"):
-                    graph[name][:] = old
-                else:
-                    graph[name][:, :old_a] = old
-            for name, old in self.state.items():
-                if old.ndim >= 2 and old.shape[1] == old_a and name in ("x", "v", "x_last", "ref_positions"):
-                    state[name][:, :old_a] = old
-                else:
-                    state[name][:] = old
-        self.graph, self.state = graph, state
-        self.atoms_cap, self.edges_cap = atoms_cap, edges_cap
-
-    def fit(self, natoms: int, nedges: int) -> bool:
-        """Grow (bucketed, grow-only) so that a slot holds `natoms` atoms and `nedges` candidates; True if grown."""
-        need_a = max(self.atoms_cap, bucket_size(natoms + 1))  # +1: a padded atom for padded edges
-        need_e = self.edges_cap
-        if nedges > self.edges_cap:
-            need_e = bucket_size(math.ceil(nedges * DEFAULT_CAPACITY_MULTIPLIER))
-        if (need_a, need_e) == (self.atoms_cap, self.edges_cap):
-            return False
-        self._allocate(need_a, need_e)
-        return True
-
-    def set_edges(self, s: int, edges: np.ndarray, shifts: np.ndarray, positions, cell, pbc, radius: float) -> None:
-        n_e = edges.shape[1]
-        g, st = self.graph, self.state
-        g["edge_index"][s] = self.atoms_cap - 1
-        g["edge_index"][s, :, :n_e] = edges
-        g["edge_shift"][s] = 0.0
-        g["edge_shift"][s, :n_e] = shifts
-        g["edge_mask"][s] = False
-        g["edge_mask"][s, :n_e] = True
-        n = positions.shape[0]
-        st["ref_positions"][s] = 0.0
-        st["ref_positions"][s, :n] = positions
-        st["ref_cell"][s] = cell
-        st["image_range"][s] = _image_range(cell, pbc, radius)
-
-    def admit(self, s: int, entry: _Entry, template: AtomicGraph, relax_cell: bool, exp_cell_factor, edges) -> None:
-        n, g, st = entry.natoms, self.graph, self.state
-        positions = np.asarray(entry.atoms.positions, np.float64)
-        cell = np.asarray(template.cell[0], np.float64)
-        for name in ("positions", "atomic_numbers", "atom_mask"):
-            g[name][s] = 0
-        g["atomic_numbers"][s, :n] = np.asarray(template.atomic_numbers)
-        g["atom_mask"][s, :n] = True
-        g["system_index"][s] = 1
-        g["system_index"][s, :n] = 0
-        g["cell"][s] = np.eye(3)
-        g["cell"][s, 0] = cell
-        for name in ("charge", "spin", "dataset_index"):
-            g[name][s] = 0
-            g[name][s, 0] = np.asarray(getattr(template, name))[0]
-        g["system_mask"][s] = (True, False)
-        for name in ("x", "v", "x_last", "log_cell", "v_cell", "log_cell_last"):
-            st[name][s] = 0.0
-        st["x"][s, :n] = positions
-        st["x_last"][s, :n] = positions
-        st["dt"][s], st["a"][s] = self.fire.dt, self.fire.a
-        st["n_pos"][s] = st["steps"][s] = 0
-        st["started"][s] = False
-        st["e_last"][s] = 0.0
-        st["orig_cell"][s] = cell
-        st["exp_cell_factor"][s] = float(n) if exp_cell_factor is None else exp_cell_factor
-        st["relax_cell"][s] = relax_cell
-        st["active"][s] = True
-        self.entries[s] = entry
-        self.set_edges(s, edges[0], edges[1], positions, cell, entry.pbc, edges[2])
-
-    def vacate(self, s: int) -> None:
-        """Mark slot `s` empty: its graph becomes padding only (zero energy), its state inactive."""
-        g = self.graph
-        g["atom_mask"][s] = False
-        g["atomic_numbers"][s] = 0
-        g["system_index"][s] = 1
-        g["edge_mask"][s] = False
-        g["edge_index"][s] = self.atoms_cap - 1
-        g["system_mask"][s] = False
-        self.state["active"][s] = False
-        self.state["relax_cell"][s] = False
-        self.entries[s] = None
 
 
 #: Room a pack is sized with over the demand in sight (slots × the mean structure's atoms and
@@ -928,7 +792,7 @@ def relax_batch(
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Relax many structures with FIRE, all slots of a batch in one compiled step.
+    """Relax many structures with FIRE, the whole batch in one compiled step.
 
     The optimizer is ASE's `FIRE` (same parameters, same step, same convergence rule: the
     largest row norm of the optimised forces strictly below `fmax`), applied to the atoms'
@@ -943,10 +807,12 @@ def relax_batch(
     matrix exponential, `c = exp_cell_factor`, `σ` the stress, `V` the volume). The three
     rows of `G` count in the convergence test, as in ASE.
 
-    `batch_size` slots step together (`jax.vmap`, split over `devices`); a structure leaves its
-    slot when it converges, reaches `max_steps` or fails, and the next one from the stream
-    takes the slot. Slot sizes (atoms, candidate edges) are bucketed and only grow, so a run
-    compiles a few times at most, never per swap. Each slot's neighbours are pairs within
+    Up to `batch_size` structures step together, packed as the systems of one graph per
+    device (split over `devices`); a structure leaves the batch when it converges, reaches
+    `max_steps` or fails, and the next ones from the stream take its place as soon as their
+    atoms and edges fit. Pack capacities (atoms, candidate edges) are sized for the mean
+    structure in sight, bucketed, and only grow, so a run compiles a few times at most, never
+    per swap, and each structure costs its own size. Each structure's neighbours are pairs within
     `cutoff + skin`, filtered to the cutoff at every step and rebuilt on the host (vesin) when
     the Verlet bound says a new pair may have come inside the cutoff: energies equal the
     one-structure [`uma_eqx.calculator.UMACalculator`][]'s up to round-off (experts are mixed
@@ -967,11 +833,11 @@ def relax_batch(
     - `fmax`: convergence threshold in eV/Å.
     - `cell`: also relax the cell of fully periodic structures (others relax positions only).
     - `max_steps`: FIRE steps at most per structure (ASE's `steps`).
-    - `batch_size`: slots stepping together (rounded up to a multiple of the device count).
+    - `batch_size`: structures stepping together at most (rounded up to a multiple of the device count).
     - `output`: a `.extxyz`/`.xyz` or `.json`/`.jsonl` file written as results finish (and
         read back to resume).
     - `settings`: how to execute the model (see [`uma_eqx.ExecutionSettings`][]).
-    - `devices`: devices the slots are split over: `None` for all local devices, a count, or
+    - `devices`: devices the batch is split over: `None` for all local devices, a count, or
         a list (see [`uma_eqx.parallel.resolve_devices`][]).
     - `fire`: FIRE's parameters (default ASE's, [`uma_eqx.relax.FIREParameters`][]).
     - `exp_cell_factor`: `FrechetCellFilter`'s scale of the cell variables; default the
