@@ -316,3 +316,44 @@ def test_slots_split_over_devices_equal_one_device():
     done = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OK" in done.stdout
+
+
+def test_packs_hold_structures_in_contiguous_rows_at_their_own_size():
+    """The host layout of the batch: each structure's atoms and edges in contiguous rows (atoms
+    grouped by system, edges sorted by target, as the model's expert routing requires), packs
+    sized for the mean structure rather than slots x the largest, and a stepped state read back
+    into the right structure after others left."""
+    from uma_eqx.relax import _candidates, _Entry, _Member, _Packs
+
+    model = uma_eqx.default_model()
+    structures = [bulk("Cu", "fcc", a=3.61, cubic=True).repeat(r) for r in ((1, 1, 1), (4, 2, 2), (2, 1, 1), (1, 1, 1))]
+    packs = _Packs(num_packs=1, slots=4, dtype=np.float64, index_dtype=np.int64, fire=FIREParameters())
+    radius = model.config.cutoff + 0.5
+    members = []
+    for k, atoms in enumerate(structures):
+        edges = _candidates(atoms.positions, atoms.cell[:], atoms.pbc, radius)
+        entry = _Entry(index=k, atoms=atoms, task="omat", natoms=len(atoms), pbc=atoms.pbc.copy())
+        state = packs.new_state(entry, atoms.cell[:], False, None, radius)
+        members.append(_Member(entry, atoms.numbers, (0, 0, 0), edges[0], edges[1], edges[0].shape[1], state))
+    packs.size_for([(m.entry.natoms, m.reserve) for m in members])
+    sizes = [len(a) for a in structures]
+    assert packs.atoms_cap < 4 * max(sizes)  # 4 slots of the largest (64 atoms) would be 256 rows
+    for m in members:
+        assert packs.fits(0, m.entry.natoms, m.reserve)
+        packs.members[0].append(m)
+    graph, state = packs.pack()
+    system, mask = graph["system_index"][0], graph["atom_mask"][0]
+    assert np.all(np.diff(system) >= 0) and mask.sum() == sum(sizes) and not mask[-1]
+    np.testing.assert_array_equal(np.bincount(system[mask]), sizes)
+    target = graph["edge_index"][0, 1]
+    assert np.all(np.diff(target) >= 0)  # sorted by target, padded edges last on the padding atom
+    real = graph["edge_mask"][0]
+    np.testing.assert_array_equal(np.bincount(system[target[real]]), [m.edges.shape[1] for m in members])
+    # a stepped state goes back to its structure; after the second one leaves, the others keep theirs
+    state["x"][0, mask] += 1.0
+    packs.unpack(state)
+    np.testing.assert_allclose(packs.members[0][2].state["x"], structures[2].positions + 1.0)
+    packs.members[0].pop(1)
+    graph, state = packs.pack()
+    assert graph["atom_mask"][0].sum() == sum(sizes) - sizes[1]
+    np.testing.assert_allclose(state["x"][0, 4:12], structures[2].positions + 1.0)
