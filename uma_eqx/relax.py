@@ -452,31 +452,46 @@ class _Packs:
             max(math.ceil(self.slots * mean_edges * PACK_HEADROOM), max(e for _, e in demand)),
         )
 
-    def new_state(self, entry: _Entry, cell: np.ndarray, relax_cell: bool, exp_cell_factor, radius: float):
-        n, f = entry.natoms, self.dtype
-        positions = np.asarray(entry.atoms.positions, f)
-        zeros33 = np.zeros((3, 3), f)
+    def _idle_system(self) -> dict[str, np.ndarray]:
+        """The per-system `_PackState` fields of an unused system (inactive, identity cell)."""
+        f, i = self.dtype, self.index_dtype
+        zeros33, eye = np.zeros((3, 3), f), np.eye(3, dtype=f)
         return {
-            "x": positions.copy(),
-            "v": np.zeros((n, 3), f),
-            "x_last": positions.copy(),
-            "ref_positions": positions.copy(),
-            "log_cell": zeros33.copy(),
+            "log_cell": zeros33,
             "v_cell": zeros33.copy(),
             "log_cell_last": zeros33.copy(),
-            "orig_cell": np.asarray(cell, f),
-            "ref_cell": np.asarray(cell, f),
+            "orig_cell": eye,
+            "ref_cell": eye.copy(),
             "dt": np.asarray(self.fire.dt, f),
             "a": np.asarray(self.fire.a, f),
             "e_last": np.asarray(0.0, f),
-            "exp_cell_factor": np.asarray(float(n) if exp_cell_factor is None else exp_cell_factor, f),
-            "n_pos": np.asarray(0, self.index_dtype),
-            "steps": np.asarray(0, self.index_dtype),
+            "exp_cell_factor": np.asarray(1.0, f),
+            "n_pos": np.asarray(0, i),
+            "steps": np.asarray(0, i),
             "started": np.asarray(False),
-            "relax_cell": np.asarray(relax_cell),
-            "active": np.asarray(True),
-            "image_range": np.asarray(_image_range(np.asarray(cell, np.float64), entry.pbc, radius), f),
+            "relax_cell": np.asarray(False),
+            "active": np.asarray(False),
+            "image_range": np.zeros(3, f),
         }
+
+    def new_state(self, entry: _Entry, cell: np.ndarray, relax_cell: bool, exp_cell_factor, radius: float):
+        """A structure's FIRE state before its first step: an idle system made active, at rest."""
+        n, f = entry.natoms, self.dtype
+        positions = np.asarray(entry.atoms.positions, f)
+        state = self._idle_system()
+        state.update(
+            x=positions.copy(),
+            v=np.zeros((n, 3), f),
+            x_last=positions.copy(),
+            ref_positions=positions.copy(),
+            orig_cell=np.asarray(cell, f),
+            ref_cell=np.asarray(cell, f),
+            exp_cell_factor=np.asarray(float(n) if exp_cell_factor is None else exp_cell_factor, f),
+            relax_cell=np.asarray(relax_cell),
+            active=np.asarray(True),
+            image_range=np.asarray(_image_range(np.asarray(cell, np.float64), entry.pbc, radius), f),
+        )
+        return state
 
     def pack(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Lay the members out: `(graph, state)` arrays stacked over packs (leading axis)."""
@@ -504,27 +519,9 @@ class _Packs:
             "edge_mask": np.zeros((p, e), bool),
             "system_mask": np.zeros((p, sys_), bool),
         }
-        state = {
-            "x": np.zeros((p, a, 3), f),
-            "v": np.zeros((p, a, 3), f),
-            "x_last": np.zeros((p, a, 3), f),
-            "ref_positions": np.zeros((p, a, 3), f),
-            "log_cell": np.zeros((p, sys_, 3, 3), f),
-            "v_cell": np.zeros((p, sys_, 3, 3), f),
-            "log_cell_last": np.zeros((p, sys_, 3, 3), f),
-            "orig_cell": eye.copy(),
-            "ref_cell": eye.copy(),
-            "dt": np.full((p, sys_), self.fire.dt, f),
-            "a": np.full((p, sys_), self.fire.a, f),
-            "e_last": np.zeros((p, sys_), f),
-            "exp_cell_factor": np.ones((p, sys_), f),
-            "n_pos": np.zeros((p, sys_), i),
-            "steps": np.zeros((p, sys_), i),
-            "started": np.zeros((p, sys_), bool),
-            "relax_cell": np.zeros((p, sys_), bool),
-            "active": np.zeros((p, sys_), bool),
-            "image_range": np.zeros((p, sys_, 3), f),
-        }
+        state = {name: np.zeros((p, a, 3), f) for name in _ATOM_FIELDS}
+        for name, idle in self._idle_system().items():
+            state[name] = np.broadcast_to(idle, (p, sys_) + idle.shape).copy()
         for d, members in enumerate(self.members):
             self.offsets[d] = []
             atom, edge = 0, 0
