@@ -11,6 +11,7 @@
 
 import dataclasses
 import functools
+import itertools
 
 import ase.build
 import equinox as eqx
@@ -139,18 +140,33 @@ def test_mole_linear_single_and_mixed_systems(sizes):
     assert isinstance(per_system, MoLELinear) and eqx.tree_equal(per_system.bias, layer.bias)
 
 
-def test_chunks_never_mix_systems_and_hold_every_edge_once():
+def test_chunks_never_mix_systems_and_hold_every_live_edge_once():
     graph = _graph()
-    frame, _ = _model().backbone.edge_frame(graph, 0.0, None)
+    whole, _ = _model().backbone.edge_frame(graph, 0.0, None)
     num_systems = graph.charge.shape[0]
-    for size in (7, 64, 10_000):
-        counts = jax.ops.segment_sum(jnp.ones_like(frame.system), frame.system, num_segments=num_systems)
-        chunks, chunk_system = _block._split_edges(frame, size, counts)
+    # also with dead edges (zero envelope, e.g. a Verlet list's pairs beyond the cutoff) inside
+    # every system, not only the padding system's at the end
+    holes = eqx.tree_at(lambda f: f.envelope, whole, whole.envelope.at[::3].set(0.0))
+    for frame, groups, size in itertools.product((whole, holes), (1, num_systems), (7, 64, 10_000)):
+        # live: a non-zero envelope; the padded edges (far vector) carry no message and are left out
+        live = np.asarray(frame.envelope) != 0
+        assert 0 < live.sum() < live.size
+        want = sorted(
+            zip(
+                np.asarray(frame.source)[live],
+                np.asarray(frame.target)[live],
+                np.asarray(frame.x_edge.basis)[live][:, 0],
+            )
+        )
+        chunks, chunk_system = _block._split_edges(frame, size, groups)
         real = np.asarray(jnp.abs(chunks.vector).sum(axis=-1) > 0)  # null slots have zero vectors
         systems = np.asarray(chunks.system)
         for c in range(systems.shape[0]):
-            assert set(systems[c][real[c]]) <= {int(chunk_system[c])}
-        # every edge exactly once: compare (source, target, x_edge) multisets
+            if groups > 1:
+                assert set(systems[c][real[c]]) <= {int(chunk_system[c])}
+            # chunks marked unused (skipped by skip_unused) hold no live edge
+            assert int(chunk_system[c]) < groups or not real[c].any()
+        # every live edge exactly once: compare (source, target, x_edge) multisets
         got = sorted(
             zip(
                 np.asarray(chunks.source)[real],
@@ -158,7 +174,6 @@ def test_chunks_never_mix_systems_and_hold_every_edge_once():
                 np.asarray(chunks.x_edge.basis)[real][:, 0],
             )
         )
-        want = sorted(zip(np.asarray(frame.source), np.asarray(frame.target), np.asarray(frame.x_edge.basis)[:, 0]))
         assert got == want
         # null slots: zero envelope, hence a zero inverse rotation (no message, no gradient)
         assert not np.asarray(chunks.envelope)[~real].any()
@@ -184,16 +199,10 @@ def test_system_aligned_chunks_match_the_plain_multi_system_mole():
     tables = backbone.source_embedding, backbone.target_embedding
     edge_wise = factor_radial_mlps(backbone.blocks[0].edge_wise, *tables)
     plain = jax.ops.segment_sum(edge_wise.messages(x, frame, routing), frame.target, x.shape[0])
-    # with `active`, the padding system's chunks are skipped: real atoms are unchanged
-    active = MoLERouting(routing.coefficients, routing.group_sizes, graph.system_mask)
-    assert not bool(graph.system_mask.all())
-    real = np.asarray(graph.atom_mask)
     for size in (7, 64):
         settings = _chunked(size)
         chunked = jax.jit(lambda e, x, s=settings: e(x, frame, routing, s))(edge_wise, x)
         assert rel_err(np.asarray(chunked), np.asarray(plain)) < TOL
-        skipped = jax.jit(lambda e, x, s=settings: e(x, frame, active, s))(edge_wise, x)
-        assert rel_err(np.asarray(skipped)[real], np.asarray(plain)[real]) < TOL
 
 
 def test_edges_in_any_order_give_the_same_result():

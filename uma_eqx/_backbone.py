@@ -313,7 +313,7 @@ class UMABackbone(eqx.Module):
             # kept in the on-disk cache (`enable_compilation_cache`)
             edge_system = graph.system_index[graph.edge_index[1]]
             group_sizes = jax.ops.segment_sum(jnp.ones_like(edge_system), edge_system, num_segments=num_systems)
-            routing = MoLERouting(coefficients, group_sizes, graph.system_mask)
+            routing = MoLERouting(coefficients, group_sizes)
 
         frame, _ = self.edge_frame(graph, roll, strain)
         x = jnp.zeros((num_atoms, (cfg.lmax + 1) ** 2, cfg.sphere_channels), dtype)

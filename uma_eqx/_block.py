@@ -127,16 +127,19 @@ def _chunk_layout(num_edges: int, num_groups: int, chunk_size: int) -> tuple[int
     return max(1, (num_edges + num_groups * (chunk - 1)) // chunk), chunk
 
 
-def _split_edges(
-    frame: EdgeFrame, chunk_size: int, counts: Int[Array, " groups"] | None
-) -> tuple[EdgeFrame, Int[Array, " chunks"]]:
-    """`frame` laid out as `(chunks, chunk, ...)` so that no chunk mixes two groups.
+def _split_edges(frame: EdgeFrame, chunk_size: int, num_groups: int) -> tuple[EdgeFrame, Int[Array, " chunks"]]:
+    """The edges of `frame` that carry a message, laid out as `(chunks, chunk, ...)`, no chunk
+    mixing two groups.
 
-    The groups are the systems (`frame.system`), of `counts` edges each (`None`: one group of
-    all edges); the edges may come in any order (a stable sort by system groups them, which is
-    the identity for graphs built by `AtomicGraph.from_atoms`). Each group starts a new chunk;
-    slots left over are null edges (zero vector, envelope and radial features, hence zero
-    messages and zero gradients).
+    An edge carries a message when its envelope is not 0: a masked (padded) edge or a
+    candidate pair beyond the cutoff (a Verlet list's skin) has envelope 0, so its message
+    and its gradients are exactly 0 and it is left out. The groups are the systems
+    (`frame.system`) when `num_groups > 1`, else all edges form one group; the edges may come
+    in any order (a stable sort by group, live edges first, gathers them). Each group starts
+    a new chunk; slots left over are null edges (zero vector, envelope and radial features,
+    hence zero messages and zero gradients), and chunks past the last group's hold only null
+    edges: [`scatter_chunks`][uma_eqx._block.scatter_chunks] skips those, so a graph costs
+    its live edges, not its edge capacity.
 
     **Returns:**
 
@@ -144,9 +147,9 @@ def _split_edges(
     hold only null edges).
     """
     num_edges = frame.source.shape[0]
-    if counts is None:
-        counts = jnp.array([num_edges])
-    num_groups = counts.shape[0]
+    live = frame.envelope != 0  # (float32 round-off can make an envelope just inside the cutoff negative)
+    group_of_edge = frame.system if num_groups > 1 else jnp.zeros_like(frame.system)
+    counts = jax.ops.segment_sum(live.astype(jnp.int32), group_of_edge, num_segments=num_groups)
     num_chunks, chunk = _chunk_layout(num_edges, num_groups, chunk_size)
     group_chunks = -(-counts // chunk)
     chunks_end = jnp.cumsum(group_chunks)
@@ -157,8 +160,8 @@ def _split_edges(
     k = slot - (chunks_end - group_chunks)[slot_group] * chunk
     valid = (chunk_group[slot // chunk] < num_groups) & (k < counts[slot_group])
     edge = jnp.where(valid, (jnp.cumsum(counts) - counts)[slot_group] + k, 0)
-    if num_groups > 1:
-        edge = jnp.argsort(frame.system, stable=True)[edge]
+    # the live edges by group (each group's in their order), then every other edge
+    edge = jnp.argsort(group_of_edge + num_groups * (~live).astype(group_of_edge.dtype), stable=True)[edge]
 
     def place(a):
         a = a[edge]
@@ -182,7 +185,8 @@ def scatter_chunks(
 
     **Arguments:**
 
-    - `messages`: `(chunk, group) -> (chunk_edges, ...)` messages of one chunk.
+    - `messages`: `(chunk, group) -> (chunk_edges, ...)` messages of one chunk (wrap it with
+      [`skip_unused`][uma_eqx._block.skip_unused]).
     - `chunks`: the chunked frame.
     - `chunk_groups`: the group (system) of each chunk.
     - `init`: `(atoms, ...)` the sum to add to.
@@ -198,6 +202,38 @@ def scatter_chunks(
 
     total, _ = jax.lax.scan(step, init, (chunks, chunk_groups))
     return total
+
+
+def skip_unused(
+    run: Callable[[Int[Array, ""]], Float[Array, "chunk_edges ..."]],
+    group: Int[Array, ""],
+    num_groups: int,
+    like: jax.ShapeDtypeStruct,
+) -> Float[Array, "chunk_edges ..."]:
+    """`run(group)` for a used chunk, zeros (without computing) for an unused one.
+
+    Call it inside the chunk's `jax.checkpoint`: a `lax.cond` outside it, in the scan's body,
+    makes JAX keep the branch's operands (the weights) once per chunk for the backward pass.
+    Under `vmap` the `cond` becomes a select, which computes both branches.
+
+    **Arguments:**
+
+    - `run`: `group -> messages` of a chunk of `group` (`0 <= group < num_groups`).
+    - `group`: the chunk's group from [`_split_edges`][uma_eqx._block._split_edges]
+      (`num_groups` for an unused chunk).
+    - `num_groups`: groups of the layout.
+    - `like`: shape and dtype of the messages.
+
+    **Returns:**
+
+    The chunk's messages.
+    """
+    return jax.lax.cond(
+        group < num_groups,
+        run,
+        lambda _: jnp.zeros(like.shape, like.dtype),
+        jnp.minimum(group, num_groups - 1),
+    )
 
 
 def edge_degree_sum(
@@ -230,15 +266,18 @@ def edge_degree_sum(
     `(atoms, (lmax + 1)**2, channels)`.
     """
     m0 = frame.lmax + 1
-    chunks, groups = _split_edges(frame, settings.chunk_size_for(frame.source.shape[0]), None)
-
-    def messages(chunk: EdgeFrame, group) -> Float[Array, "chunk_edges coeffs channels"]:
-        del group
-        _, from_edge = chunk.rotations()
-        return from_edge.columns(m0)(radial(chunk.x_edge).reshape(-1, m0, channels))
+    chunks, groups = _split_edges(frame, settings.chunk_size_for(frame.source.shape[0]), 1)
 
     dtype = jnp.result_type(frame.envelope.dtype, dtype)
     init = jnp.zeros((num_atoms, (frame.lmax + 1) ** 2, channels), dtype)
+
+    def messages(chunk: EdgeFrame, group) -> Float[Array, "chunk_edges coeffs channels"]:
+        def run(_):
+            _, from_edge = chunk.rotations()
+            return from_edge.columns(m0)(radial(chunk.x_edge).reshape(-1, m0, channels)).astype(dtype)
+
+        return skip_unused(run, group, 1, jax.ShapeDtypeStruct((chunk.source.shape[0], *init.shape[1:]), dtype))
+
     return scatter_chunks(jax.checkpoint(messages, prevent_cse=False), chunks, groups, init)
 
 
@@ -384,42 +423,32 @@ class Edgewise(eqx.Module):
             chunk_size = settings.chunk_size_for(num_edges)
             if routing is None:
                 num_systems = 1
-                chunks, chunk_systems = _split_edges(frame, chunk_size, None)
+                chunks, chunk_systems = _split_edges(frame, chunk_size, 1)
                 per_system = self
             else:
                 # Merge the experts once per system, and lay the edges out so that every chunk
                 # belongs to one system: a chunk then costs one matmul with its system's weights
                 # (the per-system grouped matmul of fairchem's MOLE, without ragged shapes).
                 num_systems = routing.coefficients.shape[0]
-                chunks, chunk_systems = _split_edges(frame, chunk_size, routing.group_sizes)
+                chunks, chunk_systems = _split_edges(frame, chunk_size, num_systems)
                 per_system = map_mole(lambda m: m.merge_per_system(routing.coefficients), self)
             # the complex products' weights, once per call rather than per chunk
             gauss = None
             if settings.gauss_form:
                 gauss = (per_system.so2_conv_1.gauss_fc_m(), per_system.so2_conv_2.gauss_fc_m())
             weights = (per_system, gauss)
-            active = None if routing is None else routing.active
 
             def system_messages(weights, x, chunk, system):
                 # The system's weights are sliced inside the checkpoint (the backward pass slices
                 # them again instead of keeping a weight copy per chunk). The layout reserves the
-                # worst case of chunks; unused ones (`system == num_systems`) and those of
-                # padding systems (`routing.active`) are skipped.
+                # worst case of chunks; unused ones are skipped (padding systems have no live
+                # edges, hence no chunks).
                 def run(system):
                     layer, gauss = map_mole(lambda m: m.expert(system), weights)
-                    return layer.messages(x, chunk, None, gauss)
+                    return layer.messages(x, chunk, None, gauss).astype(x.dtype)
 
-                if num_systems == 1:
-                    return run(0)
-                used = system < num_systems
-                if active is not None:  # padding systems' edges only reach padding atoms
-                    used = used & active[jnp.minimum(system, num_systems - 1)]
-                return jax.lax.cond(
-                    used,
-                    run,
-                    lambda _: jnp.zeros((chunk.source.shape[0], *x.shape[1:]), x.dtype),
-                    jnp.minimum(system, num_systems - 1),
-                )
+                like = jax.ShapeDtypeStruct((chunk.source.shape[0], *x.shape[1:]), x.dtype)
+                return skip_unused(run, system, num_systems, like)
 
             saved = self.saved_names(chunks.source.size, x.dtype, settings.residual_budget_bytes)
             policy = jax.checkpoint_policies.save_only_these_names(*saved)

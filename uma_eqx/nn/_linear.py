@@ -3,7 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 
 class MoLERouting(eqx.Module):
@@ -13,13 +13,10 @@ class MoLERouting(eqx.Module):
 
     - `coefficients`: `(systems, experts)` mixing coefficients.
     - `group_sizes`: rows (edges or atoms) of each system, in order; they sum to the row count.
-    - `active`: optional `(systems,)` mask of the systems whose rows matter (`False`: a padding
-      system, whose rows a layer may skip); `None`: all.
     """
 
     coefficients: Float[Array, "systems experts"]
     group_sizes: Int[Array, " systems"]
-    active: Bool[Array, " systems"] | None = None
 
 
 class Linear(eqx.Module):
