@@ -138,8 +138,8 @@ def _split_edges(frame: EdgeFrame, chunk_size: int, num_groups: int) -> tuple[Ed
     in any order (a stable sort by group, live edges first, gathers them). Each group starts
     a new chunk; slots left over are null edges (zero vector, envelope and radial features,
     hence zero messages and zero gradients), and chunks past the last group's hold only null
-    edges: [`scatter_chunks`][uma_eqx._block.scatter_chunks] skips those, so a graph costs
-    its live edges, not its edge capacity.
+    edges: [`skip_unused`][uma_eqx._block.skip_unused] skips those, so a graph costs its live
+    edges, not its edge capacity.
 
     **Returns:**
 

@@ -247,7 +247,7 @@ def data_parallel(fn: Callable[[Any, Any], Any], mesh: Mesh) -> Callable[[Any, A
 
         def local(shared_local, stacked_local):
             whole = eqx.combine(shared_local, shared_static)
-            if len(leading) == 1 and next(iter(leading)) == mesh.size:
+            if next(iter(leading)) == mesh.size:
                 # One item per device (the usual case): call `fn` on it directly. A vmap over a
                 # size-1 axis would batch every matmul, gather and scatter of the model, which
                 # XLA's CPU backend runs several times slower than the plain ones.
