@@ -168,3 +168,40 @@ def test_calculator_shared_by_threads(model64):
         results = list(pool.map(work, range(36)))
     for k, forces, _ in results:
         np.testing.assert_allclose(forces, expected[k], rtol=1e-12, atol=1e-12)
+
+
+def test_a_structure_runs_in_a_size_already_compiled(model64):
+    """A structure that fits a padded size the calculator already ran runs in it, compiling
+    nothing, with the results of its own size (padded atoms and edges are inert)."""
+    from jax import monitoring
+
+    dense = bulk("Cu", "fcc", a=3.55, cubic=True)
+    dense.rattle(0.05, seed=5)
+    loose = dense.copy()
+    loose.set_cell(dense.cell * 1.08, scale_atoms=True)  # same atoms, fewer edges
+    own = [uma_eqx.PaddingSpec().sizes(uma_eqx.AtomicGraph.for_model(model64, a, "omat")) for a in (dense, loose)]
+    assert own[1][1] < own[0][1] <= uma_eqx.calculator.SIZE_REUSE_FACTOR * own[1][1]
+
+    calc = UMACalculator(model64, task_name="omat")
+    calc.get_potential_energy(dense)
+    assert calc.padded_sizes == own[0]
+    compiles = []
+    listener = lambda event, seconds, **_: compiles.append(event)  # noqa: E731
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        results = [calc.get_property(name, loose) for name in ("energy", "forces", "stress")]
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert calc.padded_sizes == own[0]  # not its own, smaller size
+    assert "/jax/core/compile/backend_compile_duration" not in compiles
+
+    fresh = UMACalculator(model64, task_name="omat")
+    expected = [fresh.get_property(name, loose) for name in ("energy", "forces", "stress")]
+    assert fresh.padded_sizes == own[1]
+    for got, want in zip(results, expected, strict=True):
+        assert rel_err(got, want) < 1e-12
+    # a larger structure does not fit: it gets its own size
+    calc.get_potential_energy(dense.repeat((2, 1, 1)))
+    assert calc.padded_sizes == uma_eqx.PaddingSpec().sizes(
+        uma_eqx.AtomicGraph.for_model(model64, dense.repeat((2, 1, 1)), "omat")
+    )

@@ -22,7 +22,7 @@ import pytest
 from conftest import FIXTURES, rel_err
 
 import uma_eqx
-from uma_eqx import _block
+from uma_eqx import _backbone, _block
 from uma_eqx.nn import EdgeScalars, FactoredRadialMLP, Linear, MoLELinear, MoLERouting, RadialMLP, factor_radial_mlps
 from uma_eqx.nn._so2 import _complex_product, _gauss_weights, _with_weight
 
@@ -71,12 +71,40 @@ def test_edge_chunks_give_the_unchunked_sum(merged):
     if merged:
         model = uma_eqx.merge_experts_for(model, graph)
     # the plain path: one chunk, fairchem's four-product form
-    plain = _efs(model, graph, settings=_chunked(None, gauss_form=False))
+    plain = _efs(model, graph, settings=_chunked(None, gauss_form=False, scan_blocks=False))
     _assert_same(_efs(model, graph, settings=_chunked(num_edges)), plain)
     # 7 does not divide the edge count: exercises the null-edge padding; chunks straddle systems
     assert num_edges % 7 != 0
     for size in (7, 64):
         _assert_same(_efs(model, graph, settings=_chunked(size)), plain)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_scanned_blocks_give_the_unrolled_result(merged):
+    model, graph = _model(), _graph()
+    if merged:
+        model = uma_eqx.merge_experts_for(model, graph)
+    assert len(model.backbone.blocks) > 1 and _backbone._same_structure(model.backbone.blocks)
+    # the default scans a merged model and unrolls one that mixes experts in the call
+    assert uma_eqx.ExecutionSettings().scans_blocks(mixes_experts=not merged) is merged
+    unrolled = _efs(model, graph, settings=_chunked(64, scan_blocks=False))
+    _assert_same(_efs(model, graph, settings=_chunked(64, scan_blocks=True)), unrolled)
+
+    # and a training loss's gradient in the weights (reverse over reverse through the scan)
+    def loss(model, settings):
+        out = uma_eqx.energy_forces_stress(model, graph, settings=settings)
+        return out["energy"].sum() + (out["forces"] ** 2).sum()
+
+    grads = [eqx.filter_grad(loss)(model, _chunked(64, scan_blocks=scan)) for scan in (False, True)]
+    for a, b in zip(*(jax.tree.leaves(eqx.filter(g, eqx.is_array)) for g in grads), strict=True):
+        assert rel_err(np.asarray(b), np.asarray(a)) < TOL
+
+
+def test_blocks_of_different_shapes_are_not_scanned():
+    blocks = _model().backbone.blocks
+    assert not _backbone._same_structure(blocks[:1])  # nothing to scan
+    smaller = eqx.tree_at(lambda b: b.norm_1.affine_bias, blocks[1], blocks[1].norm_1.affine_bias[:-1])
+    assert not _backbone._same_structure([blocks[0], smaller])
 
 
 def test_residual_budget_does_not_change_results():
@@ -92,7 +120,7 @@ def test_settings_are_validated():
         with pytest.raises(ValueError, match=next(iter(bad))):
             uma_eqx.ExecutionSettings(**bad)
     # wrong types: refused by the settings' own check, or first by the test suite's type checker
-    for bad in ({"gauss_form": 1}, {"matmul_precision": "float32"}, {"edge_chunk_size": 2.5}):
+    for bad in ({"gauss_form": 1}, {"matmul_precision": "float32"}, {"edge_chunk_size": 2.5}, {"scan_blocks": 1}):
         with pytest.raises((ValueError, TypeError)):
             uma_eqx.ExecutionSettings(**bad)
 

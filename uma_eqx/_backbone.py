@@ -332,12 +332,24 @@ class UMABackbone(eqx.Module):
         if exchange is not None:
             natoms = exchange.system_sum(natoms)
         targets = None
-        for block in blocks:
+        if exchange is not None:
+            targets = exchange.owned  # the blocks update the owned rows only
+            x = x[:targets]  # (refresh ignores the other rows)
+
+        def step(block, x):
             if exchange is not None:  # the sources' rows, complete, from their owners
                 x = exchange.refresh(x)
-                targets = exchange.owned  # the block updates the owned rows only
             x = block(x, atom_csd, frame, routing, settings, targets)
-            x = self._balance_channels(x, graph, natoms, exchange)
+            return self._balance_channels(x, graph, natoms, exchange)
+
+        if settings.scans_blocks(routing is not None) and _same_structure(blocks):
+            # one traced and compiled block for all of them: the weights stacked per call
+            arrays, static = eqx.partition(list(blocks), eqx.is_array)
+            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *arrays)
+            x, _ = jax.lax.scan(lambda x, block: (step(eqx.combine(block, static[0]), x), None), x, stacked)
+        else:
+            for block in blocks:
+                x = step(block, x)
         return self.norm(x)
 
     def _balance_channels(self, x, graph: AtomicGraph, natoms, exchange: AbstractGraphExchange | None = None):
@@ -359,3 +371,13 @@ class UMABackbone(eqx.Module):
             corr = (sums - target[:, None].astype(x.dtype)) / jnp.where(natoms > 0, natoms, 1)[:, None]
             x = x.at[:, 0, start:end].set(ch - corr[system_index])
         return x
+
+
+def _same_structure(blocks) -> bool:
+    """Whether `blocks` differ only in their arrays' values (so a `lax.scan` can run them)."""
+    arrays, static = eqx.partition(list(blocks), eqx.is_array)
+    shapes = [jax.tree.map(lambda a: (a.shape, a.dtype), leaves) for leaves in arrays]
+    return len(blocks) > 1 and all(
+        eqx.tree_equal(static[0], other) is True and eqx.tree_equal(shapes[0], shape) is True
+        for other, shape in zip(static[1:], shapes[1:])
+    )

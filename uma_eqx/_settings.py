@@ -49,6 +49,11 @@ class ExecutionSettings:
     - `matmul_precision`: `jax.default_matmul_precision` for the model's matmuls; `None`
       leaves JAX's setting alone. On GPUs, float32 `"default"` may use TF32 (about 1e-3
       relative error); `"highest"` is full float32, as fairchem's `tf32=False`.
+    - `scan_blocks`: run the backbone's blocks as one `lax.scan` over their stacked weights
+      (one block is traced and compiled instead of all of them: a shorter first call) rather
+      than one after the other. `None` (default): scan unless the model mixes MoLE experts in
+      the call, where stacking every expert's weights per call costs more than it saves
+      (measured in `benchmarks/performance_notes.md`).
     """
 
     edge_chunk_size: int | None = DEFAULT_EDGE_CHUNK_SIZE
@@ -56,6 +61,7 @@ class ExecutionSettings:
     gauss_form: bool = True
     merge_experts: bool = True
     matmul_precision: MatmulPrecision | None = None
+    scan_blocks: bool | None = None
 
     def __post_init__(self):
         def integer(value) -> bool:
@@ -74,6 +80,10 @@ class ExecutionSettings:
         for name in ("gauss_form", "merge_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ExecutionSettings.{name}={getattr(self, name)!r} is invalid: use True or False")
+        if self.scan_blocks is not None and not isinstance(self.scan_blocks, bool):
+            raise ValueError(
+                f"ExecutionSettings.scan_blocks={self.scan_blocks!r} is invalid: use True, False or None (automatic)"
+            )
         allowed = MatmulPrecision.__args__
         if self.matmul_precision is not None and self.matmul_precision not in allowed:
             raise ValueError(
@@ -84,6 +94,15 @@ class ExecutionSettings:
     def chunk_size_for(self, num_edges: int) -> int:
         """Edges per chunk for a graph of `num_edges` edges."""
         return max(1, num_edges) if self.edge_chunk_size is None else self.edge_chunk_size
+
+    def scans_blocks(self, mixes_experts: bool) -> bool:
+        """Whether the backbone runs its blocks as one `lax.scan` (see `scan_blocks`).
+
+        **Arguments:**
+
+        - `mixes_experts`: the call mixes MoLE experts (an unmerged model's routing).
+        """
+        return (not mixes_experts) if self.scan_blocks is None else self.scan_blocks
 
     def replace(self, **changes) -> "ExecutionSettings":
         """A copy with `changes` applied (validated again)."""

@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from ._graph import AtomicGraph
+from ._graph import AtomicGraph, PaddingSpec, pad_graph
 from ._potential import UMA, energy_forces_stress, merge_experts_for
 from ._settings import DEFAULT_SETTINGS, ExecutionSettings
 
@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 #: to any of them invalidates the calculator's cached results, as fairchem's calculator adds
 #: `"info"` to the system changes when `atoms.info` changed.
 RESULT_INFO_KEYS = ("charge", "spin")
+#: A structure runs in a padded size this calculator has already run (compiled) when that size
+#: is at most this many times the structure's own bucketed size, in atoms and in edges (our
+#: choice). Padded edges cost no message passing (only live edges enter the edge chunks) and
+#: padded atoms only atom-wise work, while a new size costs a compilation (~15-20 s at uma-s
+#: size): at uma-s size and 64 atoms, twice the edges cost 9 % more per call (median; 22 % by
+#: best times), so at most 1.5 times costs a few per cent (`benchmarks/performance_notes.md`).
+SIZE_REUSE_FACTOR = 1.5
 #: The task whose defaults fairchem warns about (`UMATask.OMOL.value`); its default spin is 1.
 _OMOL_TASK = "omol"
 
@@ -53,8 +60,10 @@ class UMACalculator(Calculator):
 
     With `settings.merge_experts` (default) the MoLE experts are merged for the current
     composition, charge, spin and task (fairchem's `merge_mole`), and re-merged automatically
-    when any of them changes. Graphs are padded to bucketed sizes so that MD and relaxations
-    compile only a handful of times.
+    when any of them changes. Graphs are padded to bucketed sizes (`uma_eqx.bucket_size`), and a
+    structure that fits a padded size this calculator has already run (at most
+    `SIZE_REUSE_FACTOR` times its own bucket in atoms and edges) runs in that size, so that MD,
+    relaxations and a stream of structures compile only a handful of times.
 
     **Arguments:**
 
@@ -119,6 +128,14 @@ class UMACalculator(Calculator):
         self.partition = partition
         self._capacity: PartitionCapacity | None = None
         self._volume: ExchangeVolume | None = None
+        self._sizes: set[tuple[int, int, int]] = set()
+        self._last_sizes: tuple[int, int, int] | None = None
+
+    @property
+    def padded_sizes(self) -> tuple[int, int, int] | None:
+        """`(atoms, edges, systems)` of the last structure's padded graph (the compiled shape
+        it ran in); `None` before the first calculation."""
+        return self._last_sizes
 
     @property
     def exchange_volume(self) -> "ExchangeVolume | None":
@@ -169,8 +186,31 @@ class UMACalculator(Calculator):
         # checked on the host: the compiled program then has no host callback (eqx.error_if),
         # so enable_compilation_cache can keep it for the next process
         config = self.model.config
-        graph = AtomicGraph.for_model(self.model, atoms, self.task_name, pad=True)
-        return graph.host_checked(config.max_num_elements, len(config.datasets))
+        graph = AtomicGraph.for_model(self.model, atoms, self.task_name)
+        if self._mesh is None:
+            sizes = self._padding(graph)
+            self._sizes.add(sizes)
+        else:  # the partitioned path pads each part itself (capacities that only grow)
+            sizes = PaddingSpec().sizes(graph)
+        self._last_sizes = sizes
+        return pad_graph(graph, *sizes).host_checked(config.max_num_elements, len(config.datasets))
+
+    def _padding(self, graph: AtomicGraph) -> tuple[int, int, int]:
+        # the smallest size already run that fits `graph` and costs at most SIZE_REUSE_FACTOR
+        # times its own bucket, else that bucket
+        own = PaddingSpec().sizes(graph)
+        have = (graph.num_atoms, graph.num_edges, graph.num_systems)
+
+        def fits(sizes) -> bool:
+            atoms, edges, systems = sizes
+            return (
+                all(h <= c for h, c in zip(have, sizes))
+                and (edges == have[1] or atoms > have[0])  # padded edges need a padded atom
+                and (atoms == have[0] or systems > have[2])  # padded atoms need a padded system
+                and all(c <= SIZE_REUSE_FACTOR * o for c, o in zip(sizes, own))
+            )
+
+        return min((s for s in self._sizes if fits(s)), key=lambda s: (s[1], s[0], s[2]), default=own)
 
     def _model_for(self, graph: AtomicGraph, atoms) -> UMA:
         if not self.merges_experts:
