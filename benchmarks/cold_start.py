@@ -20,9 +20,16 @@ Workers are pinned to `--threads` CPUs exactly as in `compare_fairchem.py` (whos
 `benchmarks/.cache/uma_s_1p1_full.{pt,eqx}`, it reuses or builds). Rounds alternate
 implementations, so slow drifts of a shared machine hit both alike.
 
+Measured 2026-12-03 (commit 04abfae; AMD EPYC, 2 threads, machine otherwise idle;
+`--rounds 2`, medians, wall seconds = import + load + first E+F of the process):
+
+| model (64 atoms, E+F) | uma_eqx cold cache | uma_eqx warm cache | fairchem cold | fairchem warm |
+|---|---|---|---|---|
+| built-in | 17.2 s (2.3 + 0.3 + 13.7) | 7.3 s (1.9 + 0.2 + 4.6) | — | — |
+| uma-s-1p1 size (random weights) | 20.6 s (1.4 + 0.9 + 17.4) | 9.3 s (1.4 + 0.7 + 6.3) | 16.4 s (7.1 + 4.0 + 2.4) | 14.3 s (5.4 + 3.9 + 2.5) |
+
 Measured 2026-12-02 (commit b68390b plus the calculator's host check; x86_64, 2 threads, a
-machine shared with other jobs, so absolute times are noisy; `--rounds 2`, medians, wall
-seconds = import + load + first E+F of the process):
+machine shared with other jobs, so absolute times are noisy; `--rounds 2`, medians):
 
 | model (64 atoms, E+F) | uma_eqx cold cache | uma_eqx warm cache | fairchem cold | fairchem warm |
 |---|---|---|---|---|
@@ -36,7 +43,8 @@ first call also compiled ~80 small programs (eager `jnp` ops while reading weigh
 and padding the graph, and indexing results; each one per shape, so a stream of sizes paid
 them again and again). Now a first call compiles two programs (the experts merge and the
 model) and a warm process loads both; what remains of the warm first call is mostly JAX
-tracing the model in Python.
+tracing the model in Python (halved for merged models on 2026-12-03: their blocks run as one
+`lax.scan`, `ExecutionSettings.scan_blocks`).
 """
 
 import argparse

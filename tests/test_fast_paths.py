@@ -90,7 +90,12 @@ def test_scanned_blocks_give_the_unrolled_result(merged):
     unrolled = _efs(model, graph, settings=_chunked(64, scan_blocks=False))
     _assert_same(_efs(model, graph, settings=_chunked(64, scan_blocks=True)), unrolled)
 
-    # and a training loss's gradient in the weights (reverse over reverse through the scan)
+
+def test_scanned_blocks_give_the_unrolled_weight_gradient():
+    # a training loss's gradient in the (stacked) weights: reverse over reverse through the scan
+    graph = _graph()
+    model = uma_eqx.merge_experts_for(_model(), graph)
+
     def loss(model, settings):
         out = uma_eqx.energy_forces_stress(model, graph, settings=settings)
         return out["energy"].sum() + (out["forces"] ** 2).sum()
