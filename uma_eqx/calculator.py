@@ -133,8 +133,9 @@ class UMACalculator(Calculator):
 
     @property
     def padded_sizes(self) -> tuple[int, int, int] | None:
-        """`(atoms, edges, systems)` of the last structure's padded graph (the compiled shape
-        it ran in); `None` before the first calculation."""
+        """`(atoms, edges, systems)` of the last structure's padded graph: the compiled shape
+        it ran in (with `devices`, the whole graph before each part is padded to the capacities
+        of `uma_eqx.parallel`); `None` before the first calculation."""
         return self._last_sizes
 
     @property
@@ -187,12 +188,8 @@ class UMACalculator(Calculator):
         # so enable_compilation_cache can keep it for the next process
         config = self.model.config
         graph = AtomicGraph.for_model(self.model, atoms, self.task_name)
-        if self._mesh is None:
-            sizes = self._padding(graph)
-            self._sizes.add(sizes)
-        else:  # the partitioned path pads each part itself (capacities that only grow)
-            sizes = PaddingSpec().sizes(graph)
-        self._last_sizes = sizes
+        # the partitioned path pads each part itself (capacities that only grow)
+        sizes = self._padding(graph) if self._mesh is None else PaddingSpec().sizes(graph)
         return pad_graph(graph, *sizes).host_checked(config.max_num_elements, len(config.datasets))
 
     def _padding(self, graph: AtomicGraph) -> tuple[int, int, int]:
@@ -252,6 +249,9 @@ class UMACalculator(Calculator):
                 out = energy_forces_stress(self._model_for(graph, atoms), graph, settings=self.settings)
             else:
                 out = _efs_merging_per_call(self.model, graph, self.settings)
+            self._last_sizes = (graph.num_atoms, graph.num_edges, graph.num_systems)
+            if self._mesh is None:  # a size this calculator has compiled: later structures may reuse it
+                self._sizes.add(self._last_sizes)
             n = len(atoms)
             # results indexed on the host: eager indexing of device arrays compiles per shape
             energy = float(np.asarray(out["energy"])[0])
